@@ -1,0 +1,104 @@
+"""Backend selection: which implementation computes a loss.
+
+    "reference"  materialised PyTorch (the N×M matrix exists): ground truth for tests
+    "torch"      chunked PyTorch, never more than a tile of the N×M matrix: the CPU default
+    "triton"     fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
+    "cuda"       the compiled CUDA C++ extension pyclipfast._C (CUDA tensors)
+    "auto"       triton (or cuda) on CUDA tensors when available, torch otherwise
+
+Each fast backend lives in its own folder with one file per loss
+(``pyclipfast/chunked/clip.py``, ``pyclipfast/triton/clip.py``, ...); this module
+maps a (loss, backend) pair to that file.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+_FOLDER = {"torch": "chunked", "triton": "triton", "cuda": "cuda"}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def cuda_extension_available() -> bool:
+    try:
+        from pyclipfast import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _auto(loss: str, x: torch.Tensor) -> str:
+    if x.device.type != "cuda" or x.dtype == torch.float64:
+        return "torch"
+    if triton_available() and _has_impl(loss, "triton"):
+        return "triton"
+    if cuda_extension_available() and _has_impl(loss, "cuda"):
+        return "cuda"
+    return "torch"
+
+
+@lru_cache(maxsize=None)
+def _has_impl(loss: str, backend: str) -> bool:
+    try:
+        importlib.import_module(f"pyclipfast.{_FOLDER[backend]}.{loss}")
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def resolve(loss: str, backend: str, x: torch.Tensor) -> str:
+    """The concrete backend name for `loss` on tensors like `x` (raises if unusable)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    if backend == "auto":
+        return _auto(loss, x)
+    if backend in ("reference", "torch"):
+        return backend
+    if x.dtype == torch.float64:
+        raise TypeError(
+            f"backend={backend!r} supports float16, bfloat16 and float32 features, got float64; "
+            "use backend='torch' (chunked) or 'reference' for float64"
+        )
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if x.device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+                "before importing triton to run the kernels on the CPU interpreter"
+            )
+    if backend == "cuda":
+        if not cuda_extension_available():
+            raise ValueError(
+                "backend='cuda' needs the compiled extension pyclipfast._C, which is not built; "
+                "rebuild with: CUDA_HOME=/usr/local/cuda PYCLIPFAST_BUILD_CUDA=1 "
+                "pip install --no-build-isolation -e ."
+            )
+        if x.device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {x.device}")
+    if not _has_impl(loss, backend):
+        raise ValueError(f"backend={backend!r} has no implementation of {loss}")
+    return backend
+
+
+def implementation(loss: str, backend: str) -> ModuleType:
+    """The module holding `loss`'s kernels for a concrete (non-reference) backend."""
+    return importlib.import_module(f"pyclipfast.{_FOLDER[backend]}.{loss}")

@@ -1,0 +1,72 @@
+"""Tile machinery shared by the chunked PyTorch losses.
+
+The N×M score matrix S = scale·A·Bᵀ is visited one (rows × cols) tile at a
+time; a tile is at most ``TILE_ROWS × TILE_COLS`` elements, so the extra memory
+is O(tile + (N+M)·D) whatever N and M are. 1024×1024 float32 tiles (4 MB) were
+the fastest on the 2-core development CPU (benchmarks/bench_tiles.py).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+TILE_ROWS = 1024
+TILE_COLS = 1024
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 features, float32 otherwise (statistics are never kept in 16 bits)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def spans(total: int, step: int) -> Iterator[Tuple[int, int]]:
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
+
+
+class TileScores:
+    """Scratch buffers and the score computation for one tile shape."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
+        self.cd = compute_dtype(a)
+        self.a, self.b = a, b
+        self.scale = scale.detach().to(self.cd)
+        rows, cols = min(TILE_ROWS, a.shape[0]), min(TILE_COLS, b.shape[0])
+        self._s = torch.empty(rows * cols, dtype=self.cd, device=a.device)
+        self._e = torch.empty(rows * cols, dtype=self.cd, device=a.device)
+
+    def rows(self, i0: int, i1: int) -> torch.Tensor:
+        return self.a[i0:i1].to(self.cd)
+
+    def cols(self, j0: int, j1: int) -> torch.Tensor:
+        return self.b[j0:j1].to(self.cd)
+
+    def scores(self, a_rows: torch.Tensor, b_cols: torch.Tensor) -> torch.Tensor:
+        """S = scale · a_rows · b_colsᵀ in the first scratch buffer."""
+        s = self._s[: a_rows.shape[0] * b_cols.shape[0]].view(a_rows.shape[0], b_cols.shape[0])
+        torch.mm(a_rows, b_cols.T, out=s)
+        return s.mul_(self.scale)
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        return self._e[: like.numel()].view_as(like)
+
+
+def diagonal_span(i0: int, i1: int, j0: int, j1: int) -> Optional[Tuple[int, int, int]]:
+    """Where the global diagonal i == j crosses tile [i0:i1, j0:j1].
+
+    Returns (offset, g0, g1): the tile's diagonal ``offset`` (for torch.diagonal)
+    and the global indices g0:g1 it covers, or None if it misses the tile.
+    """
+    g0, g1 = max(i0, j0), min(i1, j1)
+    if g0 >= g1:
+        return None
+    return i0 - j0, g0, g1
+
+
+def positive_tile(row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor],
+                  i0: int, i1: int, j0: int, j1: int):
+    """The positive pairs of a tile: ('diag', span) for default ids, ('mask', bool tile) with ids."""
+    if row_ids is None:
+        return "diag", diagonal_span(i0, i1, j0, j1)
+    return "mask", row_ids[i0:i1, None] == col_ids[None, j0:j1]

@@ -1,0 +1,131 @@
+"""Chunked PyTorch InfoNCE statistics (the CPU default backend).
+
+Forward (one sweep over the tiles of S = s·A·Bᵀ, no bias: it cancels):
+
+    row_lse_i = logsumexp_j S_ij          col_lse_j = logsumexp_i S_ij
+    row_pos_i = Σ_j pos_ij S_ij           col_pos_j = Σ_i pos_ij S_ij
+
+Backward (recompute each tile), for upstream gradients g of those four vectors:
+
+    G_ij = g_row_i·exp(S_ij − row_lse_i) + g_col_j·exp(S_ij − col_lse_j) + pos_ij·(g_row_pos_i + g_col_pos_j)
+    dA = s·G·B,   dB = s·Gᵀ·A,   dscale = Σ_ij G_ij⟨A_i, B_j⟩ = Σ_i ⟨(G·B)_i, A_i⟩
+
+Row statistics are exact within a row chunk; column statistics are merged
+across row chunks with the online (max, sum-exp) rule.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _tiles
+from ._tiles import TileScores, positive_tile, spans
+
+
+def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                 row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool):
+    n, m = a.shape[0], b.shape[0]
+    ts = TileScores(a, b, scale)
+    opts = dict(dtype=ts.cd, device=a.device)
+    row_lse, row_pos = torch.empty(n, **opts), torch.zeros(n, **opts)
+    if bidirectional:
+        col_max, col_sum = torch.full((m,), float("-inf"), **opts), torch.zeros(m, **opts)
+        col_pos = torch.zeros(m, **opts)
+    for i0, i1 in spans(n, _tiles.TILE_ROWS):
+        a_rows = ts.rows(i0, i1)
+        run_max = torch.full((i1 - i0,), float("-inf"), **opts)
+        run_sum = torch.zeros(i1 - i0, **opts)
+        for j0, j1 in spans(m, _tiles.TILE_COLS):
+            s = ts.scores(a_rows, ts.cols(j0, j1))
+            kind, pos = positive_tile(row_ids, col_ids, i0, i1, j0, j1)
+            if kind == "diag" and pos is not None:
+                k, g0, g1 = pos
+                d = s.diagonal(k)
+                row_pos[g0:g1] += d
+                if bidirectional:
+                    col_pos[g0:g1] += d
+            elif kind == "mask":
+                masked = s * pos
+                row_pos[i0:i1] += masked.sum(1)
+                if bidirectional:
+                    col_pos[j0:j1] += masked.sum(0)
+            new_max = torch.maximum(run_max, s.amax(1))
+            e = torch.sub(s, new_max[:, None], out=ts.scratch(s)).exp_()
+            run_sum = run_sum.mul_((run_max - new_max).exp_()).add_(e.sum(1))
+            run_max = new_max
+            if bidirectional:
+                cmax = torch.maximum(col_max[j0:j1], s.amax(0))
+                col_sum[j0:j1] = col_sum[j0:j1] * (col_max[j0:j1] - cmax).exp() + s.sub_(cmax).exp_().sum(0)
+                col_max[j0:j1] = cmax
+        row_lse[i0:i1] = run_sum.log_().add_(run_max)
+    if not bidirectional:
+        return row_lse, None, row_pos, None
+    return row_lse, col_sum.log_().add_(col_max), row_pos, col_pos
+
+
+def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                  row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor],
+                  row_lse: torch.Tensor, col_lse: Optional[torch.Tensor],
+                  g_row: Optional[torch.Tensor], g_col: Optional[torch.Tensor],
+                  g_row_pos: Optional[torch.Tensor], g_col_pos: Optional[torch.Tensor],
+                  need_a: bool = True, need_b: bool = True, need_scale: bool = True):
+    n, m = a.shape[0], b.shape[0]
+    ts = TileScores(a, b, scale)
+    opts = dict(dtype=ts.cd, device=a.device)
+    da = torch.empty(a.shape, **opts) if need_a else None
+    db = torch.zeros(b.shape, **opts) if need_b else None
+    dscale = torch.zeros((), **opts)
+    need_rows = need_a or need_scale
+    for i0, i1 in spans(n, _tiles.TILE_ROWS):
+        a_rows = ts.rows(i0, i1)
+        acc = torch.zeros(i1 - i0, a.shape[1], **opts) if need_rows else None
+        for j0, j1 in spans(m, _tiles.TILE_COLS):
+            b_cols = ts.cols(j0, j1)
+            s = ts.scores(a_rows, b_cols)
+            g = ts.scratch(s)
+            if g_row is not None:
+                torch.sub(s, row_lse[i0:i1, None], out=g).exp_().mul_(g_row[i0:i1, None])
+            else:
+                g.zero_()
+            if g_col is not None:
+                g.addcmul_(s.sub_(col_lse[j0:j1]).exp_(), g_col[None, j0:j1])
+            _add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos)
+            if need_rows:
+                acc.addmm_(g, b_cols)
+            if need_b:
+                db[j0:j1].addmm_(g.T, a_rows)
+        if need_scale:
+            dscale += (acc * a_rows).sum()
+        if need_a:
+            da[i0:i1] = acc.mul_(ts.scale)
+    if need_b:
+        db.mul_(ts.scale)
+    return (
+        da.to(a.dtype) if need_a else None,
+        db.to(b.dtype) if need_b else None,
+        dscale if need_scale else None,
+    )
+
+
+def _add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos) -> None:
+    """g += pos_ij·(g_row_pos_i + g_col_pos_j) on one tile."""
+    if g_row_pos is None and g_col_pos is None:
+        return
+    kind, pos = positive_tile(row_ids, col_ids, i0, i1, j0, j1)
+    if kind == "diag":
+        if pos is None:
+            return
+        k, g0, g1 = pos
+        d = g.diagonal(k)
+        if g_row_pos is not None:
+            d += g_row_pos[g0:g1]
+        if g_col_pos is not None:
+            d += g_col_pos[g0:g1]
+        return
+    w = torch.zeros_like(g)
+    if g_row_pos is not None:
+        w += g_row_pos[i0:i1, None]
+    if g_col_pos is not None:
+        w += g_col_pos[None, j0:j1]
+    g.add_(w.mul_(pos))

@@ -1,0 +1,90 @@
+"""Chunked PyTorch sigmoid (SigLIP) loss: loss and gradients in one sweep.
+
+    S_ij = s·⟨A_i, B_j⟩ + b,  y_ij = +1 on positives, −1 elsewhere
+    loss_sum = Σ_ij softplus(−y_ij S_ij)
+    G_ij = ∂loss_sum/∂S_ij = −y_ij·σ(−y_ij S_ij)
+    dA = s·G·B,  dB = s·Gᵀ·A,  dscale = Σ G_ij⟨A_i, B_j⟩,  dbias = Σ G_ij
+
+No normalising statistic, so the gradients (for a unit upstream gradient of
+loss_sum) come out of the same sweep as the loss; the caller scales them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _tiles
+from ._tiles import TileScores, positive_tile, spans
+
+
+def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                   row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], negative_only: bool,
+                   grad_scale: float, need_a: bool, need_b: bool, need_scale: bool, need_bias: bool):
+    """Returns (loss_sum, da, db, dscale, dbias), gradients of grad_scale·loss_sum (None when not needed)."""
+    n, m = a.shape[0], b.shape[0]
+    ts = TileScores(a, b, scale)
+    opts = dict(dtype=ts.cd, device=a.device)
+    bias_c = None if bias is None else bias.detach().to(ts.cd)
+    loss_sum = torch.zeros((), **opts)
+    dscale, dbias = torch.zeros((), **opts), torch.zeros((), **opts)
+    da = torch.empty(a.shape, **opts) if need_a else None
+    db = torch.zeros(b.shape, **opts) if need_b else None
+    need_rows = need_a or need_scale
+    any_grad = need_rows or need_b or need_bias
+    for i0, i1 in spans(n, _tiles.TILE_ROWS):
+        a_rows = ts.rows(i0, i1)
+        acc = torch.zeros(i1 - i0, a.shape[1], **opts) if need_rows else None
+        for j0, j1 in spans(m, _tiles.TILE_COLS):
+            b_cols = ts.cols(j0, j1)
+            z = ts.scores(a_rows, b_cols)  # becomes −y·S in place
+            if bias_c is not None:
+                z.add_(bias_c)
+            sign = _negate_positives(z, row_ids, col_ids, i0, i1, j0, j1, negative_only)
+            loss_sum += F.softplus(z).sum()
+            if not any_grad:
+                continue
+            g = torch.sigmoid(z, out=ts.scratch(z))  # ∂/∂(−yS) softplus = σ(−yS)
+            sign(g)  # G = −y·σ(−yS)
+            if need_bias:
+                dbias += g.sum()
+            if need_rows:
+                acc.addmm_(g, b_cols)
+            if need_b:
+                db[j0:j1].addmm_(g.T, a_rows)
+        if need_scale:
+            dscale += (acc * a_rows).sum()
+        if need_a:
+            da[i0:i1] = acc.mul_(ts.scale * grad_scale)
+    if need_b:
+        db.mul_(ts.scale * grad_scale)
+    return (
+        loss_sum,
+        da.to(a.dtype) if need_a else None,
+        db.to(b.dtype) if need_b else None,
+        dscale * grad_scale if need_scale else None,
+        dbias * grad_scale if need_bias else None,
+    )
+
+
+def _negate_positives(z, row_ids, col_ids, i0, i1, j0, j1, negative_only: bool):
+    """Negate the positive entries of z in place; return a function doing the same to another tile."""
+    if negative_only:
+        return lambda t: t
+    kind, pos = positive_tile(row_ids, col_ids, i0, i1, j0, j1)
+    if kind == "diag":
+        if pos is None:
+            return lambda t: t
+        k = pos[0]
+
+        def flip_diagonal(t):
+            t.diagonal(k).neg_()
+        flip_diagonal(z)
+        return flip_diagonal
+    sign = 1 - 2 * pos.to(z.dtype)
+
+    def flip_mask(t):
+        t.mul_(sign)
+    flip_mask(z)
+    return flip_mask

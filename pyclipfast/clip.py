@@ -1,0 +1,126 @@
+"""Bidirectional temperature-scaled InfoNCE (the CLIP loss), SPEC §1.
+
+    S_ij = s·⟨A_i, B_j⟩ + b
+    r_i  = logsumexp_j S_ij,   c_j = logsumexp_i S_ij
+    L    = 1/(2N) Σ_i (r_i − mean_{j∈P(i)} S_ij) + 1/(2M) Σ_j (c_j − mean_{i∈Q(j)} S_ij)
+
+The fused part is `_ClipStats`: an autograd Function that returns the four
+O(N+M) vectors (row/column log-sum-exp and row/column sums of positive logits)
+without ever storing the N×M matrix. Everything after it (positive counts,
+reduction, one direction or two) is ordinary autograd on vectors. The bias b
+cancels between the log-sum-exp and the positive term, so it never enters a
+kernel and its gradient is exactly zero.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._dispatch import implementation, resolve
+from ._validation import (
+    ScaleLike, as_scale, check_features, check_finite, check_has_positive, check_ids, check_option,
+    positive_counts,
+)
+
+
+class _ClipStats(torch.autograd.Function):
+    """(A, B, s) -> (row_lse, col_lse, row_pos, col_pos); backward recomputes the tiles."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, row_ids, col_ids, bidirectional: bool, backend: str):
+        impl = implementation("clip", backend)
+        with torch.autocast(a.device.type, enabled=False):
+            row_lse, col_lse, row_pos, col_pos = impl.clip_forward(a, b, scale, row_ids, col_ids, bidirectional)
+        ctx.impl = impl
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(a, b, scale, row_ids, col_ids, row_lse, col_lse)
+        return row_lse, col_lse, row_pos, col_pos
+
+    @staticmethod
+    def backward(ctx, g_row, g_col, g_row_pos, g_col_pos):
+        a, b, scale, row_ids, col_ids, row_lse, col_lse = ctx.saved_tensors
+        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+        with torch.autocast(a.device.type, enabled=False):
+            da, db, dscale = ctx.impl.clip_backward(
+                a, b, scale, row_ids, col_ids, row_lse, col_lse, g_row, g_col, g_row_pos, g_col_pos,
+                need_a=need_a, need_b=need_b, need_scale=need_scale,
+            )
+        if dscale is not None:
+            dscale = dscale.to(scale.dtype).reshape(scale.shape)
+        return da, db, dscale, None, None, None, None
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: ScaleLike,
+    logit_bias: Optional[ScaleLike] = None,
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    bidirectional: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Temperature-scaled InfoNCE between image (N×D) and text (M×D) features.
+
+    Args:
+        image_features, text_features: (N, D) and (M, D), same dtype and device. Not normalised
+            here (open_clip normalises in the model).
+        logit_scale: the *already exponentiated* scale s > 0 (open_clip passes ``logit_scale.exp()``);
+            a tensor receives a gradient.
+        logit_bias: optional scalar bias; it cancels in the softmax, so its gradient is zero.
+        image_ids, text_ids: optional integer ids (N,) and (M,); (i, j) is a positive pair iff the
+            ids are equal (several captions per image, duplicates). Default: the diagonal (N == M).
+        reduction: "mean" (SPEC §1), "sum" (½ Σ rows + ½ Σ columns), or "none" (per index
+            ½(row_i + col_i), needs N == M; rows only when one-directional).
+        bidirectional: False gives the rows-only (image→text) loss mean_i (r_i − mean_{P(i)} S_ij),
+            the form open_clip's ``local_loss`` uses per direction.
+        backend: "auto", "triton", "cuda", "torch" (chunked) or "reference" (materialised).
+
+    Returns:
+        The loss, float32 (float64 for float64 features).
+    """
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    check_option("reduction", reduction, ("mean", "sum", "none"))
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
+    image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
+    n, m = image_features.shape[0], text_features.shape[0]
+    if reduction == "none" and bidirectional and n != m:
+        raise ValueError(f"reduction='none' pairs row i with column i and needs N == M; got N={n}, M={m}")
+    name = resolve("clip", backend, image_features)
+    scale = as_scale("logit_scale", logit_scale, image_features)
+    bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features, positive=False)
+    check_finite("image_features", image_features)
+    check_finite("text_features", text_features)
+    row_count = col_count = None
+    if image_ids is not None:
+        row_count = positive_counts(image_ids, text_ids)
+        check_has_positive(row_count, "image row")
+        if bidirectional:
+            col_count = positive_counts(text_ids, image_ids)
+            check_has_positive(col_count, "text column")
+
+    if name == "reference":
+        return reference.clip_loss(image_features, text_features, scale, bias, image_ids=image_ids,
+                                   text_ids=text_ids, reduction=reduction, bidirectional=bidirectional)
+
+    row_lse, col_lse, row_pos, col_pos = _ClipStats.apply(
+        image_features, text_features, scale, image_ids, text_ids, bidirectional, name)
+    rows = row_lse - (row_pos if row_count is None else row_pos / row_count)
+    if bidirectional:
+        cols = col_lse - (col_pos if col_count is None else col_pos / col_count)
+        loss = {
+            "mean": lambda: 0.5 * (rows.mean() + cols.mean()),
+            "sum": lambda: 0.5 * (rows.sum() + cols.sum()),
+            "none": lambda: 0.5 * (rows + cols),
+        }[reduction]()
+    else:
+        loss = {"mean": rows.mean, "sum": rows.sum, "none": lambda: rows}[reduction]()
+    if bias is not None and bias.requires_grad:
+        loss = loss + 0 * bias.to(loss.dtype)  # db = 0 exactly; a non-finite bias still gives NaN
+    return loss

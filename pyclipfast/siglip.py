@@ -1,0 +1,88 @@
+"""Sigmoid (SigLIP) loss, SPEC §2.
+
+    S_ij = s·⟨A_i, B_j⟩ + b,   y_ij = +1 if (i, j) is positive else −1
+    L    = −(1/N) Σ_ij log σ(y_ij S_ij)          (open_clip's normalisation)
+    G_ij = −g/N · y_ij · σ(−y_ij S_ij)
+
+There is no normalising statistic, so `_SigLip` produces the gradients in the
+same sweep as the loss (6·N·M·D FLOPs) and its backward only scales them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+from ._dispatch import implementation, resolve
+from ._validation import ScaleLike, as_scale, check_features, check_finite, check_ids
+
+
+class _SigLip(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, row_ids, col_ids, negative_only: bool, backend: str):
+        impl = implementation("siglip", backend)
+        need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
+        with torch.autocast(a.device.type, enabled=False):
+            loss_sum, *grads = impl.siglip_forward(
+                a, b, scale, bias, row_ids, col_ids, negative_only, grad_scale=1.0 / a.shape[0],
+                need_a=need_a, need_b=need_b, need_scale=need_scale, need_bias=need_bias and bias is not None,
+            )
+        ctx.grads = grads
+        ctx.dtypes = (scale.dtype, None if bias is None else bias.dtype)
+        return loss_sum / a.shape[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        da, db, dscale, dbias = ctx.grads
+        scale_dtype, bias_dtype = ctx.dtypes
+        return (
+            None if da is None else da * g,
+            None if db is None else db * g,
+            None if dscale is None else (dscale * g).to(scale_dtype),
+            None if dbias is None else (dbias * g).to(bias_dtype),
+            None, None, None, None,
+        )
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: ScaleLike,
+    logit_bias: Optional[ScaleLike],
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
+    negative_only: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid loss between image (N×D) and text (M×D) features.
+
+    Args:
+        image_features, text_features: (N, D) and (M, D), same dtype and device.
+        logit_scale: the already exponentiated scale s > 0 (a tensor receives a gradient).
+        logit_bias: the scalar bias b (SigLIP initialises it to −10), or None for no bias.
+        image_ids, text_ids: optional integer ids; equal ids are positives (y = +1).
+            Default: the diagonal.
+        negative_only: every pair is a negative (open_clip's SigLIP uses this for the blocks of
+            other ranks' texts).
+        backend: "auto", "triton", "cuda", "torch" (chunked) or "reference" (materialised).
+
+    Returns:
+        −(1/N) Σ_ij log σ(y_ij S_ij), float32 (float64 for float64 features).
+    """
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    if not isinstance(negative_only, bool):
+        raise TypeError(f"negative_only must be a bool, got {type(negative_only).__name__}")
+    image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features,
+                                    require_square=not negative_only)
+    name = resolve("siglip", backend, image_features)
+    scale = as_scale("logit_scale", logit_scale, image_features)
+    bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features, positive=False)
+    check_finite("image_features", image_features)
+    check_finite("text_features", text_features)
+    if name == "reference":
+        return reference.siglip_loss(image_features, text_features, scale, bias, image_ids=image_ids,
+                                     text_ids=text_ids, negative_only=negative_only)
+    return _SigLip.apply(image_features, text_features, scale, bias, image_ids, text_ids, negative_only, name)

@@ -1,0 +1,221 @@
+"""Shared Triton machinery: one tile of S = A·Bᵀ, numerically safe helpers,
+launch configuration, and the host-side block loop that turns per-block
+gradient tiles G into dA = G·B and dB = Gᵀ·A.
+
+Every fused loss kernel is "score tile + an epilogue": `score_tile` loads a
+BLOCK_M×BLOCK_N tile of ⟨A_i, B_j⟩ with fp32 accumulation (tensor cores for
+16-bit inputs; IEEE or TF32 for fp32 per torch.backends.cuda.matmul.allow_tf32),
+and the loss-specific kernel adds only what it does with the tile.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._dispatch import triton_interpreting
+
+
+@triton.jit
+def score_tile(a_ptr, b_ptr, offs_m, offs_n, n_rows, n_cols, dim,
+               stride_am, stride_ak, stride_bn, stride_bk,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """acc[m, n] = ⟨A[offs_m], B[offs_n]⟩ in fp32; rows/cols out of range read as zeros."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    row_ok = offs_m[:, None] < n_rows
+    col_ok = offs_n[None, :] < n_cols
+    for k in range(0, dim, BLOCK_K):
+        k_ok = (k + offs_k) < dim
+        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, POS_MODE: tl.constexpr):
+    """pos[m, n]: 0 = diagonal (i == j), 1 = equal ids, 2 = no positives. Out-of-range is False."""
+    valid = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
+    if POS_MODE == 0:
+        pos = offs_m[:, None] == offs_n[None, :]
+    elif POS_MODE == 1:
+        rid = tl.load(row_ids_ptr + offs_m, mask=offs_m < n_rows, other=-1)
+        cid = tl.load(col_ids_ptr + offs_n, mask=offs_n < n_cols, other=-2)
+        pos = rid[:, None] == cid[None, :]
+    else:
+        pos = offs_m[:, None] < 0
+    return pos & valid
+
+
+@triton.jit
+def finite_or_zero(x):
+    """x where finite, 0 where x = -inf: a safe shift for exp(v - shift) when a row is all -inf."""
+    return tl.where(x == float("-inf"), 0.0, x)
+
+
+@triton.jit
+def log1p_small(x):
+    """log(1 + x) for x in [0, 1], accurate for tiny x (Triton's interpreter has no log1p)."""
+    return tl.where(x < 1e-4, x * (1.0 - x * (0.5 - x / 3.0)), tl.log(1.0 + x))
+
+
+@triton.jit
+def softplus(z):
+    """log(1 + e^z) without overflow."""
+    return tl.maximum(z, 0.0) + log1p_small(tl.exp(-tl.abs(z)))
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Block sizes. On the GPU these are starting points (tuned by benchmarks/, see README);
+# under TRITON_INTERPRET they are small so tests cover many tiles at N ≤ ~300.
+INTERPRET_CONFIG = TileConfig(32, 32, 32, 4, 1)
+# Elements of the N×M gradient held at once by the blocked dA/dB GEMMs (128 MB in bf16).
+GRAD_BLOCK_ELEMENTS = 1 << 26
+INTERPRET_GRAD_BLOCK_ELEMENTS = 64 * 96
+# Forward split: at most this many row groups (each keeps an M-long column partial).
+MAX_ROW_GROUPS = 64
+INTERPRET_MAX_ROW_GROUPS = 2
+
+
+def tile_config(x: torch.Tensor) -> TileConfig:
+    if triton_interpreting():
+        return INTERPRET_CONFIG
+    if x.dtype == torch.float32:
+        return TileConfig(64, 64, 32, 4, 3)
+    return TileConfig(128, 128, 64, 8, 3)
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
+        return "tf32"
+    return "ieee" if x.dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def parallel_target(x: torch.Tensor) -> int:
+    """How many programs keep the device busy."""
+    if triton_interpreting() or x.device.type != "cuda":
+        return 4
+    return 2 * _sm_count(x.device.index or 0)
+
+
+def split_groups(n_row_blocks: int, n_col_blocks: int, x: torch.Tensor):
+    """(row_groups, col_groups, row_blocks_per_group, col_blocks_per_group) for the forward sweep."""
+    max_rg = INTERPRET_MAX_ROW_GROUPS if triton_interpreting() else MAX_ROW_GROUPS
+    row_groups = min(n_row_blocks, max_rg)
+    rb_per = math.ceil(n_row_blocks / row_groups)
+    row_groups = math.ceil(n_row_blocks / rb_per)
+    col_groups = min(n_col_blocks, max(1, math.ceil(parallel_target(x) / row_groups)))
+    cb_per = math.ceil(n_col_blocks / col_groups)
+    col_groups = math.ceil(n_col_blocks / cb_per)
+    return row_groups, col_groups, rb_per, cb_per
+
+
+def merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
+    """Combine (max, sum-exp) partials along dim 0 into log-sum-exp."""
+    top = part_max.amax(0)
+    return top + torch.log((part_sum * torch.exp(part_max - top)).sum(0))
+
+
+def ids_or_dummy(ids: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return ids if ids is not None else torch.empty(1, dtype=torch.int64, device=like.device)
+
+
+def vec_or_dummy(v: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return v.float().contiguous() if v is not None else torch.empty(1, dtype=torch.float32, device=like.device)
+
+
+def grad_block_shape(n: int, m: int, cfg: TileConfig):
+    budget = INTERPRET_GRAD_BLOCK_ELEMENTS if triton_interpreting() else GRAD_BLOCK_ELEMENTS
+    if n * m <= budget:
+        return n, m
+    side = max(cfg.block_m, int(math.sqrt(budget)) // cfg.block_m * cfg.block_m)
+    rows = min(n, side)
+    cols = min(m, max(cfg.block_n, budget // rows // cfg.block_n * cfg.block_n))
+    return rows, cols
+
+
+@lru_cache(maxsize=None)
+def _mm_out_dtype_supported(device_type: str) -> bool:
+    if device_type != "cuda":
+        return False
+    try:
+        x = torch.zeros(16, 16, dtype=torch.bfloat16, device="cuda")
+        torch.mm(x, x, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def mm_accumulate(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, first: bool) -> None:
+    """out (fp32) (+)= x @ y with fp32 accumulation and output, whatever x and y's dtype."""
+    if x.dtype == torch.float32:
+        if first:
+            torch.mm(x, y, out=out)
+        else:
+            out.addmm_(x, y)
+        return
+    if _mm_out_dtype_supported(x.device.type):
+        prod = torch.mm(x, y, out_dtype=torch.float32)
+    else:
+        prod = torch.mm(x.float(), y.float())
+    if first:
+        out.copy_(prod)
+    else:
+        out.add_(prod)
+
+
+def blocked_grads(a: torch.Tensor, b: torch.Tensor, cfg: TileConfig,
+                  write_block: Callable[[torch.Tensor, int, int, int, int], None],
+                  need_a: bool, need_b: bool, g_dtype: torch.dtype):
+    """Accumulate ga = G·B and gb = Gᵀ·A (fp32) block by block.
+
+    `write_block(g, r0, r1, c0, c1)` runs the fused kernel on the block
+    [r0:r1, c0:c1]; it fills g (rows r1-r0 × cols c1-c0) with the gradient tile
+    G[r0:r1, c0:c1] unless neither product is wanted, when g is a 1×1 dummy it
+    must not write. The two products run as GEMMs on each block while only one
+    block of G exists at a time.
+    """
+    n, m = a.shape[0], b.shape[0]
+    rows, cols = grad_block_shape(n, m, cfg)
+    ga = torch.empty(a.shape, dtype=torch.float32, device=a.device) if need_a else None
+    gb = torch.empty(b.shape, dtype=torch.float32, device=a.device) if need_b else None
+    store = need_a or need_b
+    buf = torch.empty(rows * cols if store else 1, dtype=g_dtype, device=a.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        for c0 in range(0, m, cols):
+            c1 = min(c0 + cols, m)
+            g = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0) if store else buf.view(1, 1)
+            write_block(g, r0, r1, c0, c1)
+            if need_a:
+                mm_accumulate(ga[r0:r1], g, b[c0:c1], first=c0 == 0)
+            if need_b:
+                mm_accumulate(gb[c0:c1], g.T, a[r0:r1], first=r0 == 0)
+    return ga, gb

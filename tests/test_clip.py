@@ -1,0 +1,121 @@
+"""clip_loss: every backend against the float64 reference (SPEC §1, §8)."""
+import pytest
+import torch
+
+import pyclipfast as pcf
+from helpers import (
+    DEVICE, as_reference, assert_close_to_reference, backend_dtype_params, features, leaves,
+)
+
+
+def _ids(n, m, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind is None:
+        return {}
+    if kind == "rect":  # every image has ≥ 1 caption, some have several
+        text = torch.cat([torch.arange(n), torch.randint(0, n, (m - n,), generator=g)])
+        text = text[torch.randperm(m, generator=g)]
+        return dict(image_ids=torch.arange(n).to(DEVICE), text_ids=text.to(DEVICE))
+    # "dup": repeated ids on both sides (duplicates / recaptions), same multiset
+    image = torch.randint(0, max(1, n // 3), (n,), generator=g)
+    return dict(image_ids=image.to(DEVICE), text_ids=image[torch.randperm(n, generator=g)].to(DEVICE))
+
+
+# id, N, M, D, scale, feature options, ids kind
+CASES = [
+    ("N1-D8", 1, 1, 8, 10.0, {}, None),
+    ("N37-D20", 37, 37, 20, 14.3, {}, None),
+    ("N70-D48-strided", 70, 70, 48, 20.0, {"layout": "strided"}, None),
+    ("N33-D24-colmajor", 33, 33, 24, 5.0, {"layout": "colmajor"}, None),
+    ("N50-D32-scale100", 50, 50, 32, 100.0, {}, None),
+    ("N60-D16-duplicate-rows", 60, 60, 16, 30.0, {"duplicate_rows": True}, None),
+    ("N45xM70-D24-ids", 45, 70, 24, 10.0, {}, "rect"),
+    ("N40-D12-repeated-ids", 40, 40, 12, 10.0, {}, "dup"),
+]
+
+
+def run(backend, a, b, scale, **kw):
+    a, b, scale = leaves(a, b, scale)
+    loss = pcf.clip_loss(a, b, scale, backend=backend, **kw)
+    return [loss, *torch.autograd.grad(loss, (a, b, scale))]
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidir", "rows"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_matches_float64_reference(backend, dtype, case, bidirectional):
+    _, n, m, d, s, opts, ids = case
+    seed = torch.seed() % 2**31  # fresh inputs every run
+    a = features(n, d, dtype=dtype, seed=seed, **opts)
+    b = features(m, d, dtype=dtype, seed=seed + 1, **opts)
+    scale = torch.tensor(s, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE)
+    kw = dict(_ids(n, m, ids, seed), bidirectional=bidirectional)
+    out = run(backend, a, b, scale, **kw)
+    ref_kw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    ref = run("reference", *as_reference(a, b, scale), **ref_kw)
+    assert out[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out[1].dtype == dtype and out[2].dtype == dtype
+    assert_close_to_reference(out, ref, dtype, ["loss", "d_image", "d_text", "d_scale"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(backend, reduction):
+    a, b = features(29, 10, seed=1), features(29, 10, seed=2)
+    scale = torch.tensor(7.0, device=DEVICE)
+    for bidirectional in (True, False):
+        out = pcf.clip_loss(a, b, scale, reduction=reduction, bidirectional=bidirectional, backend=backend)
+        ref = pcf.clip_loss(a.double().cpu(), b.double().cpu(), scale.double().cpu(), reduction=reduction,
+                            bidirectional=bidirectional, backend="reference")
+        assert out.shape == ref.shape
+        assert_close_to_reference([out], [ref], torch.float32, [f"{reduction} bidir={bidirectional}"])
+
+
+def test_mean_is_half_of_each_direction():
+    a, b = features(20, 8, seed=3), features(20, 8, seed=4)
+    both = pcf.clip_loss(a, b, 10.0, backend="torch")
+    rows = pcf.clip_loss(a, b, 10.0, bidirectional=False, backend="torch")
+    cols = pcf.clip_loss(b, a, 10.0, bidirectional=False, backend="torch")
+    torch.testing.assert_close(both, 0.5 * (rows + cols))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_bias_cancels_and_gets_zero_gradient(backend):
+    a, b = leaves(features(25, 12, seed=5), features(25, 12, seed=6))
+    bias = torch.tensor(-3.0, device=DEVICE, requires_grad=True)
+    with_bias = pcf.clip_loss(a, b, 10.0, bias, backend=backend)
+    without = pcf.clip_loss(a, b, 10.0, backend=backend)
+    torch.testing.assert_close(with_bias, without)
+    (db,) = torch.autograd.grad(with_bias, bias)
+    assert abs(float(db)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_inputs_get_no_gradient(backend):
+    """Only what requires grad is differentiated (a frozen text tower, a fixed scale)."""
+    a = features(30, 16, seed=7).requires_grad_()
+    b = features(30, 16, seed=8)
+    loss = pcf.clip_loss(a, b, torch.tensor(10.0, device=DEVICE), backend=backend)
+    loss.backward()
+    ref_a = as_reference(a)[0]
+    pcf.clip_loss(ref_a, b.double().cpu(), 10.0, backend="reference").backward()
+    assert b.grad is None
+    assert_close_to_reference([a.grad], [ref_a.grad], torch.float32, ["d_image"])
+
+
+def test_gradcheck_torch_backend():
+    a = features(9, 5, dtype=torch.float64, seed=9).requires_grad_()
+    b = features(9, 5, dtype=torch.float64, seed=10).requires_grad_()
+    scale = torch.tensor(3.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 5], device=DEVICE)
+    for kw in ({}, {"image_ids": ids, "text_ids": ids.flip(0)}):
+        assert torch.autograd.gradcheck(lambda x, y, s: pcf.clip_loss(x, y, s, backend="torch", **kw),
+                                        (a, b, scale))
+
+
+def test_second_backward_with_retain_graph():
+    a, b = leaves(features(12, 6, seed=11), features(12, 6, seed=12))
+    loss = pcf.clip_loss(a, b, 5.0, backend="torch")
+    (g1,) = torch.autograd.grad(loss, a, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, a)
+    torch.testing.assert_close(g1, g2)

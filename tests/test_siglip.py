@@ -1,0 +1,78 @@
+"""siglip_loss: every backend against the float64 reference (SPEC §2, §8)."""
+import pytest
+import torch
+
+import pyclipfast as pcf
+from helpers import (
+    DEVICE, as_reference, assert_close_to_reference, backend_dtype_params, features, leaves,
+)
+
+# id, N, M, D, scale, bias, feature options, mode
+CASES = [
+    ("N1-D8", 1, 1, 8, 10.0, -10.0, {}, "diag"),
+    ("N37-D20", 37, 37, 20, 10.0, -10.0, {}, "diag"),
+    ("N70-D48-strided", 70, 70, 48, 20.0, -5.0, {"layout": "strided"}, "diag"),
+    ("N33-D24-colmajor", 33, 33, 24, 5.0, 0.0, {"layout": "colmajor"}, "diag"),
+    ("N50-D32-scale100", 50, 50, 32, 100.0, -10.0, {}, "diag"),
+    ("N60-D16-duplicate-rows", 60, 60, 16, 30.0, -3.0, {"duplicate_rows": True}, "diag"),
+    ("N45xM70-D24-ids", 45, 70, 24, 10.0, -10.0, {}, "ids"),
+    ("N30xM41-D12-negative-only", 30, 41, 12, 10.0, -10.0, {}, "negative_only"),
+]
+
+
+def run(backend, a, b, scale, bias, **kw):
+    a, b, scale, bias = leaves(a, b, scale, bias)
+    loss = pcf.siglip_loss(a, b, scale, bias, backend=backend, **kw)
+    return [loss, *torch.autograd.grad(loss, (a, b, scale, bias))]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_matches_float64_reference(backend, dtype, case):
+    _, n, m, d, s, bias, opts, mode = case
+    seed = torch.seed() % 2**31
+    a = features(n, d, dtype=dtype, seed=seed, **opts)
+    b = features(m, d, dtype=dtype, seed=seed + 1, **opts)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, bias = torch.tensor(s, dtype=sdt, device=DEVICE), torch.tensor(bias, dtype=sdt, device=DEVICE)
+    kw = {}
+    if mode == "ids":
+        g = torch.Generator().manual_seed(seed)
+        kw = dict(image_ids=torch.randint(0, 20, (n,), generator=g).to(DEVICE),
+                  text_ids=torch.randint(0, 20, (m,), generator=g).to(DEVICE))
+    elif mode == "negative_only":
+        kw = dict(negative_only=True)
+    out = run(backend, a, b, scale, bias, **kw)
+    ref = run("reference", *as_reference(a, b, scale, bias),
+              **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    assert out[1].dtype == dtype and out[2].dtype == dtype
+    assert_close_to_reference(out, ref, dtype, ["loss", "d_image", "d_text", "d_scale", "d_bias"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_without_bias_and_without_grad(backend):
+    a, b = features(40, 16, seed=1), features(40, 16, seed=2)
+    ref = pcf.siglip_loss(a.double().cpu(), b.double().cpu(), 10.0, None, backend="reference")
+    with torch.no_grad():
+        out = pcf.siglip_loss(a, b, 10.0, None, backend=backend)
+    assert_close_to_reference([out], [ref], torch.float32, ["loss"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_upstream_gradient_is_applied(backend):
+    a, b = leaves(features(20, 8, seed=3), features(20, 8, seed=4))
+    (3.0 * pcf.siglip_loss(a, b, 10.0, -10.0, backend=backend)).backward()
+    ra, rb = as_reference(a, b)
+    (3.0 * pcf.siglip_loss(ra, rb, 10.0, -10.0, backend="reference")).backward()
+    assert_close_to_reference([a.grad, b.grad], [ra.grad, rb.grad], torch.float32, ["d_image", "d_text"])
+
+
+def test_gradcheck_torch_backend():
+    a = features(7, 5, dtype=torch.float64, seed=5).requires_grad_()
+    b = features(9, 5, dtype=torch.float64, seed=6).requires_grad_()
+    scale = torch.tensor(3.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.tensor(-1.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    ids = dict(image_ids=torch.tensor([0, 1, 1, 2, 3, 4, 5], device=DEVICE),
+               text_ids=torch.tensor([1, 0, 2, 2, 3, 9, 5, 5, 1], device=DEVICE))
+    assert torch.autograd.gradcheck(
+        lambda x, y, s, c: pcf.siglip_loss(x, y, s, c, backend="torch", **ids), (a, b, scale, bias))
