@@ -1,0 +1,99 @@
+"""Device-neutral host helpers shared by the kernel backends (Triton, CUDA).
+
+`blocked_grads` turns gradient tiles written by a fused kernel into
+dA = G·B and dB = Gᵀ·A: G exists one block (rows × cols) at a time and the
+two products run as GEMMs (cuBLAS on the GPU), so a backward pass does the
+minimum 4·N·M·D FLOPs beyond the score recomputation. `merge_lse` combines
+per-group (max, sum-exp) partials from a split forward sweep.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from ._dispatch import triton_interpreting
+
+# Elements of the N×M gradient held at once by the blocked dA/dB GEMMs (128 MB in bf16).
+GRAD_BLOCK_ELEMENTS = 1 << 26
+# Under TRITON_INTERPRET (CPU tests) blocks are tiny so small shapes span several.
+INTERPRET_GRAD_BLOCK_ELEMENTS = 64 * 96
+
+
+def merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
+    """Combine (max, sum-exp) partials along dim 0 into log-sum-exp."""
+    top = part_max.amax(0)
+    return top + torch.log((part_sum * torch.exp(part_max - top)).sum(0))
+
+
+def grad_block_shape(n: int, m: int, cfg) -> tuple:
+    """(rows, cols) of one gradient block: whole-tile multiples of cfg.block_m × cfg.block_n within budget."""
+    budget = INTERPRET_GRAD_BLOCK_ELEMENTS if triton_interpreting() else GRAD_BLOCK_ELEMENTS
+    if n * m <= budget:
+        return n, m
+    side = max(cfg.block_m, int(math.sqrt(budget)) // cfg.block_m * cfg.block_m)
+    rows = min(n, side)
+    cols = min(m, max(cfg.block_n, budget // rows // cfg.block_n * cfg.block_n))
+    return rows, cols
+
+
+@lru_cache(maxsize=None)
+def _mm_out_dtype_supported(device_type: str) -> bool:
+    if device_type != "cuda":
+        return False
+    try:
+        x = torch.zeros(16, 16, dtype=torch.bfloat16, device="cuda")
+        torch.mm(x, x, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
+def mm_accumulate(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, first: bool) -> None:
+    """out (fp32) (+)= x @ y with fp32 accumulation and output, whatever x and y's dtype."""
+    if x.dtype == torch.float32:
+        if first:
+            torch.mm(x, y, out=out)
+        else:
+            out.addmm_(x, y)
+        return
+    if _mm_out_dtype_supported(x.device.type):
+        prod = torch.mm(x, y, out_dtype=torch.float32)
+    else:
+        prod = torch.mm(x.float(), y.float())
+    if first:
+        out.copy_(prod)
+    else:
+        out.add_(prod)
+
+
+def blocked_grads(a: torch.Tensor, b: torch.Tensor, cfg,
+                  write_block: Callable[[torch.Tensor, int, int, int, int], None],
+                  need_a: bool, need_b: bool, g_dtype: torch.dtype):
+    """Accumulate ga = G·B and gb = Gᵀ·A (fp32) block by block.
+
+    `write_block(g, r0, r1, c0, c1)` runs the fused kernel on the block
+    [r0:r1, c0:c1]; it fills g (rows r1-r0 × cols c1-c0) with the gradient tile
+    G[r0:r1, c0:c1] unless neither product is wanted, when g is a 1×1 dummy it
+    must not write. The two products run as GEMMs on each block while only one
+    block of G exists at a time.
+    """
+    n, m = a.shape[0], b.shape[0]
+    rows, cols = grad_block_shape(n, m, cfg)
+    ga = torch.empty(a.shape, dtype=torch.float32, device=a.device) if need_a else None
+    gb = torch.empty(b.shape, dtype=torch.float32, device=a.device) if need_b else None
+    store = need_a or need_b
+    buf = torch.empty(rows * cols if store else 1, dtype=g_dtype, device=a.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        for c0 in range(0, m, cols):
+            c1 = min(c0 + cols, m)
+            g = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0) if store else buf.view(1, 1)
+            write_block(g, r0, r1, c0, c1)
+            if need_a:
+                mm_accumulate(ga[r0:r1], g, b[c0:c1], first=c0 == 0)
+            if need_b:
+                mm_accumulate(gb[c0:c1], g.T, a[r0:r1], first=r0 == 0)
+    return ga, gb
