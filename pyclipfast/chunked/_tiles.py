@@ -3,7 +3,7 @@
 The N×M score matrix S = scale·A·Bᵀ is visited one (rows × cols) tile at a
 time; a tile is at most ``TILE_ROWS × TILE_COLS`` elements, so the extra memory
 is O(tile + (N+M)·D) whatever N and M are. 1024×1024 float32 tiles (4 MB) were
-the fastest on the 2-core development CPU (benchmarks/bench_tiles.py).
+the fastest on the 2-core development CPU (benchmarks/bench_chunked_tiles.py).
 """
 from __future__ import annotations
 
@@ -70,3 +70,28 @@ def positive_tile(row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tenso
     if row_ids is None:
         return "diag", diagonal_span(i0, i1, j0, j1)
     return "mask", row_ids[i0:i1, None] == col_ids[None, j0:j1]
+
+
+def add_positive_grad(g: torch.Tensor, row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor],
+                      i0: int, i1: int, j0: int, j1: int,
+                      g_row_pos: Optional[torch.Tensor], g_col_pos: Optional[torch.Tensor]) -> None:
+    """g += pos_ij·(g_row_pos_i + g_col_pos_j) on one tile: the gradient of Σ_j pos_ij S_ij sums."""
+    if g_row_pos is None and g_col_pos is None:
+        return
+    kind, pos = positive_tile(row_ids, col_ids, i0, i1, j0, j1)
+    if kind == "diag":
+        if pos is None:
+            return
+        k, g0, g1 = pos
+        d = g.diagonal(k)
+        if g_row_pos is not None:
+            d += g_row_pos[g0:g1]
+        if g_col_pos is not None:
+            d += g_col_pos[g0:g1]
+        return
+    w = torch.zeros_like(g)
+    if g_row_pos is not None:
+        w += g_row_pos[i0:i1, None]
+    if g_col_pos is not None:
+        w += g_col_pos[None, j0:j1]
+    g.add_(w.mul_(pos))
