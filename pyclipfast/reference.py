@@ -55,3 +55,66 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, 
         pos = torch.zeros_like(pos)
     y = pos.to(logit.dtype) * 2 - 1
     return -F.logsigmoid(y * logit).sum() / image_features.shape[0]
+
+
+# Clamp of c before arccos in the angular margin (SPEC §3); every backend uses the same value.
+ANGLE_EPS = 1e-6
+
+
+def distill_loss(image_features, text_features, teacher_image_features, teacher_text_features, logit_scale,
+                 teacher_logit_scale, *, margin: float = 0.0, kd_weight: float = 1.0, kd: str = "kl",
+                 false_negative_threshold: Optional[float] = None, normalize: bool = True, image_ids=None,
+                 text_ids=None):
+    """SPEC §3: (L_ce, λ·L_kd), InfoNCE of the margin-adjusted logits Z plus soft-label distillation.
+
+    The teacher gets no gradient; the margin goes through arccos/cos literally (autograd
+    differentiates it), the KD term through log-softmax and kl_div.
+    """
+    cd = compute_dtype(image_features)
+    a, b = image_features.to(cd), text_features.to(cd)
+    ta, tb = teacher_image_features.detach().to(cd), teacher_text_features.detach().to(cd)
+    if normalize:
+        a, b, ta, tb = (F.normalize(x, dim=-1) for x in (a, b, ta, tb))
+    s, t = logit_scale.to(cd), teacher_logit_scale.detach().to(cd)
+    cos, alpha = a @ b.T, ta @ tb.T
+    pos = positive_mask(*cos.shape, image_ids, text_ids, cos.device)
+    psi = cos
+    if margin > 0:
+        theta = torch.arccos(cos.clamp(-1 + ANGLE_EPS, 1 - ANGLE_EPS))
+        psi = torch.where(pos, cos, torch.cos((theta - margin * (1 - alpha)).clamp_min(0)))
+    z = s * psi
+    if false_negative_threshold is not None:
+        z = z.masked_fill(~pos & (alpha > false_negative_threshold), float("-inf"))
+    z_pos, count = torch.where(pos, z, 0), pos.to(cd)
+    rows = torch.logsumexp(z, 1) - z_pos.sum(1) / count.sum(1)
+    cols = torch.logsumexp(z, 0) - z_pos.sum(0) / count.sum(0)
+    contrastive = 0.5 * (rows.mean() + cols.mean())
+    u, v = s * cos, t * alpha
+    distill = 0.5 * (_soft_label_loss(v, u, 1, kd).mean() + _soft_label_loss(v, u, 0, kd).mean())
+    return contrastive, kd_weight * distill
+
+
+def _soft_label_loss(teacher_logits, student_logits, dim: int, kd: str) -> torch.Tensor:
+    """Per row (dim=1) or column (dim=0): KL(p‖q) or the cross-entropy −Σ p log q, p/q the softmaxes."""
+    log_q, log_p = student_logits.log_softmax(dim), teacher_logits.log_softmax(dim)
+    if kd == "ce":
+        return -(log_p.exp() * log_q).sum(dim)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim)
+
+
+def cosine_loss(online, target, *, target_grad: bool = False) -> torch.Tensor:
+    """SPEC §4: (1/N) Σ_i (2 − 2·cos(p_i, z_i)), F.cosine_similarity's eps; z is a stop-gradient
+    target unless target_grad."""
+    cd = compute_dtype(online)
+    z = target if target_grad else target.detach()
+    return (2 - 2 * F.cosine_similarity(online.to(cd), z.to(cd), dim=-1)).mean()
+
+
+def recall_at_k(queries, gallery, ks=(1, 5, 10), *, query_ids=None, gallery_ids=None) -> dict:
+    """SPEC §5: rank_i = #{j : S_ij > max_{positives} S_ij}; {"R@k": mean(rank_i < k)}."""
+    cd = compute_dtype(queries)
+    scores = queries.detach().to(cd) @ gallery.detach().to(cd).T
+    pos = positive_mask(*scores.shape, query_ids, gallery_ids, scores.device)
+    best = scores.masked_fill(~pos, float("-inf")).amax(1)
+    rank = (scores > best[:, None]).sum(1)
+    return {f"R@{k}": float((rank < k).to(cd).mean()) for k in ks}

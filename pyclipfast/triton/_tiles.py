@@ -76,6 +76,22 @@ def softplus(z):
     return tl.maximum(z, 0.0) + log1p_small(tl.exp(-tl.abs(z)))
 
 
+@triton.jit
+def online_lse(run_max, run_sum, x, AXIS: tl.constexpr):
+    """Merge tile x, reduced along AXIS, into a running (max, Σ exp(x − max)).
+
+    Returns (new_max, new_sum, rescale, e): rescale = exp(old_max − new_max) and
+    e = exp(x − new_max), for callers that keep further exp-weighted sums
+    (Σ e·y: multiply the old one by rescale, add tl.sum(e·y, AXIS)). Lines that
+    are all −∞ so far (out of range, filtered) stay at max −∞, sum 0, NaN-free.
+    """
+    new_max = tl.maximum(run_max, tl.max(x, AXIS))
+    shift = finite_or_zero(new_max)
+    rescale = tl.exp(run_max - shift)
+    e = tl.exp(x - tl.expand_dims(shift, AXIS))
+    return new_max, run_sum * rescale + tl.sum(e, AXIS), rescale, e
+
+
 # ----------------------------------------------------------------------------- host side
 
 
