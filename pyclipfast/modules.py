@@ -1,7 +1,7 @@
 """Drop-in replacements for open_clip's loss modules.
 
 Same constructor arguments, forward signatures and outputs as
-``open_clip.loss.ClipLoss`` / ``SigLipLoss``; the fused losses do the work, so
+``open_clip.loss.ClipLoss`` / ``SigLipLoss`` / ``DistillClipLoss``; the fused losses do the work, so
 no N×N logit matrix is stored. Swap the import and nothing else changes:
 
     from pyclipfast import ClipLoss          # instead of open_clip.loss.ClipLoss
@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import distributed
 from .clip import clip_loss
+from .distill import distill_loss
 from .siglip import siglip_loss
 
 
@@ -64,8 +66,10 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                 logit_bias=None, output_dict: bool = False):
-        _single_process_only(self)
-        loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        if self.world_size > 1:
+            loss = distributed.clip_module_loss(self, image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = clip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -103,6 +107,33 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):
-        _single_process_only(self)
-        loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+        if self.world_size > 1:
+            loss = distributed.siglip_module_loss(self, image_features, text_features, logit_scale, logit_bias)
+        else:
+            loss = self._loss(image_features, text_features, logit_scale, logit_bias)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class DistillClipLoss(ClipLoss):
+    """InfoNCE plus soft-label distillation from a frozen teacher, open_clip's ``DistillClipLoss`` interface.
+
+    Computed by the fused `distill_loss` with margin 0, no false-negative filter, kd="ce",
+    normalize=False and λ = 1, which is open_clip's objective exactly; no N×N logits are stored.
+    The teacher (``dist_*``) gets no gradient. Returns (contrastive_loss, distill_loss), or a dict
+    with those keys when ``output_dict``.
+    """
+
+    def _losses(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale):
+        return distill_loss(image_features, text_features, dist_image_features, dist_text_features, logit_scale,
+                            dist_logit_scale, kd="ce", normalize=False, backend=self.backend)
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                dist_image_features: torch.Tensor, dist_text_features: torch.Tensor, dist_logit_scale,
+                output_dict: bool = False):
+        _single_process_only(self)
+        contrastive_loss, distill = self._losses(image_features, text_features, logit_scale, dist_image_features,
+                                                 dist_text_features, dist_logit_scale)
+        if output_dict:
+            return {"contrastive_loss": contrastive_loss, "distill_loss": distill}
+        return contrastive_loss, distill
