@@ -1,0 +1,425 @@
+"""The losses on torch.distributed: a global batch split evenly over W ranks.
+
+Rank r holds n image rows A_r and m text rows B_r of the global batch
+A = [A_0; …; A_{W−1}] (N = W·n rows) and B (M = W·m rows); NCCL on GPUs, gloo on
+CPUs, launched with torchrun. No rank ever stores an n×N or N×N matrix: the
+fused losses run on (local rows × gathered columns).
+
+Functional API (`clip_loss`, `siglip_loss`): the loss of the global batch on every
+rank. Rank r computes its share ℓ_r of the global loss L = Σ_r ℓ_r against the
+gathered other side,
+
+    CLIP:    ℓ_r = 1/(2N) Σ_{i∈r} (r_i − mean_{j∈P(i)} S_ij) + 1/(2M) Σ_{j∈r} (c_j − mean_{i∈Q(j)} S_ij)
+    SigLIP:  ℓ_r = −1/N Σ_{i∈r} Σ_j log σ(y_ij S_ij)
+
+(rows i of A_r against all of B; columns j of B_r against all of A), and returns
+L = Σ_r ℓ_r through an all-reduce whose backward is the identity. Gradient flow,
+for the same upstream g on every rank (``loss.backward()``):
+
+    ∂/∂A_r = g·Σ_k ∂ℓ_k/∂A_r = g·∂L/∂A_r
+
+because ℓ_k reaches A_r through the gather, whose backward reduce-scatters
+(sums) the gathered gradients back to their owners. So each shard receives
+exactly its slice of the single-process gradient of the concatenated batch; an
+all-reduce with the usual summing backward would have made it W·∂L/∂A_r.
+logit_scale and logit_bias are replicated like the encoder weights and get
+their share ∂ℓ_r/∂s, which sums over ranks to ∂L/∂s. The rule is the same for
+every replicated tensor: the single-process gradient is the sum over ranks.
+DDP and FSDP average instead of summing, so parameters receive ∇L / W: open_clip's
+gather_with_grad direction, scaled by 1/W (multiply the loss by the world size
+for ∇L itself; Adam-type optimisers do not notice).
+
+Positive ids are gathered with the features, so captions of one image held by
+different ranks are positives, not false negatives.
+
+open_clip modules (`clip_module_loss`, `siglip_module_loss`, called by
+`pyclipfast.ClipLoss` / `SigLipLoss` when world_size > 1) follow open_clip
+3.3.0 exactly (gather_with_grad, local_loss, SigLIP's dist_impl), so values and
+gradients equal open_clip's for the same arguments: with gather_with_grad each
+rank's loss is its local mean, and gradients are W·∂L/∂A_r, which DDP's
+averaging turns into ∇L.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import clip as _clip
+from . import siglip as _siglip
+from ._dispatch import resolve
+from ._validation import (
+    ScaleLike, as_scale, check_features, check_has_positive, check_ids, data_checks_on, positive_counts,
+)
+
+__all__ = ["clip_loss", "siglip_loss", "gather_features", "all_gather_with_grad"]
+
+
+# --------------------------------------------------------------------------- collectives with autograd
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[x_0; x_1; …; x_{W−1}] (rank order) on every rank, no autograd."""
+    world = dist.get_world_size(group)
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather(list(out.chunk(world)), x.contiguous(), group=group)
+    return out
+
+
+class _AllGather(torch.autograd.Function):
+    """Forward: all-gather. Backward: reduce-scatter (sum): rank r gets Σ_k ∂ℓ_k/∂(slot r)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
+        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        dist.reduce_scatter(out, list(grad.contiguous().chunk(world)), group=ctx.group)
+        return out, None
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over ranks; backward sums the gradients too (torch.distributed.nn.all_reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduce.apply(grad, ctx.group), None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """L = Σ_r ℓ_r on every rank; backward is the identity: ℓ_r receives the upstream g."""
+
+    @staticmethod
+    def forward(ctx, share, group):
+        total = share.detach().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _exchange(tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int], group):
+    """Send tensors[k] to rank send_to[k] and receive one like it from recv_from[k], all at once."""
+    tensors = [t.contiguous() for t in tensors]
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, peer, group) for t, peer in zip(tensors, send_to)]
+    ops += [dist.P2POp(dist.irecv, t, peer, group) for t, peer in zip(received, recv_from)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Point-to-point exchange; the gradients travel back the opposite way (open_clip's NeighbourExchange)."""
+
+    @staticmethod
+    def forward(ctx, send_to, recv_from, group, *tensors):
+        ctx.peers = send_to, recv_from, group
+        return tuple(_exchange(tensors, send_to, recv_from, group))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        send_to, recv_from, group = ctx.peers
+        return (None, None, None, *_NeighbourExchange.apply(recv_from, send_to, group, *grads))
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[x_0; …; x_{W−1}] on every rank; the backward sums each slot's gradient back to its owner.
+
+    Same semantics as ``torch.cat(torch.distributed.nn.all_gather(x))`` (deprecated in recent
+    torch), with a reduce-scatter backward on every backend.
+    """
+    return _AllGather.apply(x, group)
+
+
+def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, *, local_loss: bool = False,
+                    gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
+                    group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``gather_features`` (torch.distributed path): the global image and text batches.
+
+    gather_with_grad: the gather is differentiable (each rank's loss reaches every shard).
+    Otherwise the gathered copies carry no gradient; unless local_loss, the local features are put
+    back at this rank's slot so they still receive one.
+    """
+    if gather_with_grad:
+        return all_gather_with_grad(image_features, group), all_gather_with_grad(text_features, group)
+    with torch.no_grad():
+        all_image, all_text = _gather(image_features, group), _gather(text_features, group)
+    if not local_loss:
+        all_image[rank * image_features.shape[0]:(rank + 1) * image_features.shape[0]] = image_features
+        all_text[rank * text_features.shape[0]:(rank + 1) * text_features.shape[0]] = text_features
+    return all_image, all_text
+
+
+# --------------------------------------------------------------------------- rank-consistent checks
+
+def _check_shards(image_features: torch.Tensor, text_features: torch.Tensor, group) -> None:
+    """Equal shard sizes and finite features on every rank (a data check: one small all-gather).
+
+    Every rank sees the same gathered facts and raises the same error, so no rank is left
+    waiting in a collective that the others never reach.
+    """
+    if not data_checks_on(image_features):
+        return
+    facts = torch.stack([
+        torch.tensor(image_features.shape[0], device=image_features.device),
+        torch.tensor(text_features.shape[0], device=image_features.device),
+        torch.isfinite(image_features).all().long(),
+        torch.isfinite(text_features).all().long(),
+    ])
+    per_rank = _gather(facts[None], group).tolist()
+    for k, name in enumerate(("image_features", "text_features")):
+        rows = [f[k] for f in per_rank]
+        if len(set(rows)) > 1:
+            raise ValueError(
+                f"{name} must have the same number of rows on every rank (an evenly split global batch); "
+                f"got {rows} on ranks 0..{len(rows) - 1}"
+            )
+        bad = [r for r, f in enumerate(per_rank) if not f[k + 2]]
+        if bad:
+            raise ValueError(f"{name} contains non-finite values (nan or inf) on rank(s) {bad}")
+
+
+def _check_scales(logit_scale: ScaleLike, logit_bias: Optional[ScaleLike], like: torch.Tensor) -> None:
+    """The scale and bias checks of the single-process losses, run before any collective."""
+    as_scale("logit_scale", logit_scale, like)
+    if logit_bias is not None:
+        as_scale("logit_bias", logit_bias, like, positive=False)
+
+
+def _group_size(group) -> int:
+    """World size of `group`, or 1 when torch.distributed is not initialised."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialised")
+        return 1
+    if dist.get_rank(group) < 0:
+        raise ValueError("group does not contain this process (torch.distributed.get_rank(group) is -1)")
+    return dist.get_world_size(group)
+
+
+def _shard_ids(ids: Optional[torch.Tensor], rows: int, rank: int, device) -> torch.Tensor:
+    """This rank's ids, or its slice of the default arange (the global diagonal)."""
+    return ids if ids is not None else torch.arange(rank * rows, (rank + 1) * rows, device=device)
+
+
+# --------------------------------------------------------------------------- functional API
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: ScaleLike,
+    logit_bias: Optional[ScaleLike] = None,
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
+    group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Bidirectional InfoNCE (SPEC §1) of the global batch split over the ranks of `group`.
+
+    Args:
+        image_features, text_features: this rank's shards, (n, D) and (m, D); every rank holds the
+            same n and m, and rank order is batch order.
+        logit_scale, logit_bias: as in `pyclipfast.clip_loss` (the same value on every rank).
+        image_ids, text_ids: this rank's ids (n,) and (m,); they are gathered, so equal ids on
+            different ranks are positives. Default: the global diagonal (needs n == m).
+        group: the process group (default: the world). Without an initialised torch.distributed
+            this is `pyclipfast.clip_loss` on the local batch.
+        backend: as in `pyclipfast.clip_loss`.
+
+    Returns:
+        The global loss L, the same on every rank. After ``loss.backward()`` on every rank the
+        features hold their slice of the single-process gradient ∂L/∂A; logit_scale holds this
+        rank's share of ∂L/∂s (the shares sum to it).
+    """
+    world = _group_size(group)
+    if world == 1:
+        return _clip.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                               image_ids=image_ids, text_ids=text_ids, backend=backend)
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
+    resolve("clip", backend, image_features)
+    _check_scales(logit_scale, logit_bias, image_features)
+    _check_shards(image_features, text_features, group)
+
+    rank, n, m, device = dist.get_rank(group), image_features.shape[0], text_features.shape[0], image_features.device
+    all_image, all_text = all_gather_with_grad(image_features, group), all_gather_with_grad(text_features, group)
+    local_image_ids, local_text_ids = _shard_ids(image_ids, n, rank, device), _shard_ids(text_ids, m, rank, device)
+    if image_ids is None:
+        all_image_ids = all_text_ids = torch.arange(world * n, device=device)
+    else:
+        all_image_ids, all_text_ids = _gather(image_ids, group), _gather(text_ids, group)
+        check_has_positive(positive_counts(all_image_ids, all_text_ids), "image row")
+        check_has_positive(positive_counts(all_text_ids, all_image_ids), "text column")
+
+    def rows(queries, keys, query_ids, key_ids):
+        return _clip.clip_loss(queries, keys, logit_scale, logit_bias, image_ids=query_ids, text_ids=key_ids,
+                               bidirectional=False, backend=backend)
+
+    share = (rows(image_features, all_text, local_image_ids, all_text_ids)
+             + rows(text_features, all_image, local_text_ids, all_image_ids)) / (2 * world)
+    return _SumOverRanks.apply(share, group)
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: ScaleLike,
+    logit_bias: Optional[ScaleLike],
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
+    group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid loss (SPEC §2) of the global batch split over the ranks of `group`.
+
+    Each rank scores its n image rows against all M gathered texts (ids gathered with them) and
+    the shares are summed: L = −1/N Σ_ij log σ(y_ij S_ij) over the global batch, on every rank.
+    Arguments, gradients and the single-process fallback are as in `clip_loss`.
+    """
+    world = _group_size(group)
+    if world == 1:
+        return _siglip.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                   image_ids=image_ids, text_ids=text_ids, backend=backend)
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
+    resolve("siglip", backend, image_features)
+    _check_scales(logit_scale, logit_bias, image_features)
+    _check_shards(image_features, text_features, group)
+
+    rank, n, device = dist.get_rank(group), image_features.shape[0], image_features.device
+    all_text = all_gather_with_grad(text_features, group)
+    if image_ids is None:
+        local_ids, all_text_ids = _shard_ids(None, n, rank, device), torch.arange(world * n, device=device)
+    else:
+        local_ids, all_text_ids = image_ids, _gather(text_ids, group)
+    share = _siglip.siglip_loss(image_features, all_text, logit_scale, logit_bias, image_ids=local_ids,
+                                text_ids=all_text_ids, backend=backend) / world
+    return _SumOverRanks.apply(share, group)
+
+
+# --------------------------------------------------------------------------- open_clip module paths
+
+def _check_module(module) -> None:
+    """The module's rank/world_size must be this process group's (open_clip would silently mislabel)."""
+    if getattr(module, "use_horovod", False):
+        raise NotImplementedError(
+            "use_horovod=True is not supported: pyclipfast runs on torch.distributed (launch with torchrun "
+            "and pass use_horovod=False)"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"world_size={module.world_size} needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, e.g. under torchrun)"
+        )
+    if dist.get_world_size() != module.world_size:
+        raise ValueError(f"world_size={module.world_size} but the process group has {dist.get_world_size()} ranks")
+    if dist.get_rank() != module.rank:
+        raise ValueError(f"rank={module.rank} but this process is rank {dist.get_rank()} of the process group")
+
+
+def clip_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                     logit_bias=None) -> torch.Tensor:
+    """`pyclipfast.ClipLoss` with world_size > 1: open_clip's ClipLoss, fused.
+
+    local_loss: this rank's n rows against the N gathered columns, in both directions, labels
+    offset by rank: ½[CE(s·A_r·B_allᵀ) + CE(s·B_r·A_allᵀ)]. Otherwise the full bidirectional loss
+    of the gathered batch (every rank computes all of it, as open_clip does).
+    """
+    _check_module(module)
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    _check_shards(image_features, text_features, None)
+    all_image, all_text = gather_features(
+        image_features, text_features, local_loss=module.local_loss, gather_with_grad=module.gather_with_grad,
+        rank=module.rank, world_size=module.world_size)
+    if not module.local_loss:
+        return _clip.clip_loss(all_image, all_text, logit_scale, logit_bias, backend=module.backend)
+    labels = module.get_ground_truth(image_features.device, image_features.shape[0])
+    columns = torch.arange(all_text.shape[0], device=image_features.device)
+
+    def rows(queries, keys):
+        return _clip.clip_loss(queries, keys, logit_scale, logit_bias, image_ids=labels, text_ids=columns,
+                               bidirectional=False, backend=module.backend)
+
+    return 0.5 * (rows(image_features, all_text) + rows(text_features, all_image))
+
+
+def _texts_bidir(text: torch.Tensor, rank: int, world: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Pass texts both ways round the ring: ⌊(W−1)/2⌋ two-way steps, then one one-way step if W is even."""
+    right, left = (rank + 1) % world, (rank - 1) % world
+    to_left = to_right = text
+    steps, remainder = divmod(world - 1, 2)
+    for step in range(1, steps + 1):
+        from_right, from_left = _NeighbourExchange.apply((left, right), (right, left), None, to_left, to_right)
+        yield (rank + step) % world, from_right
+        yield (rank - step) % world, from_left
+        to_left, to_right = from_right, from_left
+    if remainder:
+        (from_left,) = _NeighbourExchange.apply((right,), (left,), None, to_right)
+        yield (rank - steps - 1) % world, from_left
+
+
+def _texts_shift(text: torch.Tensor, rank: int, world: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Pass texts one way round the ring, W−1 steps."""
+    right, left = (rank + 1) % world, (rank - 1) % world
+    for step in range(1, world):
+        (text,) = _NeighbourExchange.apply((right,), (left,), None, text)
+        yield (rank - step) % world, text
+
+
+def _texts_reduce(text: torch.Tensor, rank: int, world: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Rank i's texts via an all-reduce of (texts on rank i, zeros elsewhere), for every i, own included."""
+    for i in range(world):
+        yield i, _AllReduce.apply(text * (rank == i), None)
+
+
+def _texts_gather(text: torch.Tensor, rank: int, world: int) -> Iterator[Tuple[int, torch.Tensor]]:
+    """All texts in one all-gather."""
+    for i, block in enumerate(all_gather_with_grad(text).chunk(world)):
+        if i != rank:
+            yield i, block
+
+
+_OTHER_TEXTS = {"bidir": _texts_bidir, "shift": _texts_shift, "reduce": _texts_reduce, "gather": _texts_gather}
+
+
+def siglip_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                       logit_bias) -> torch.Tensor:
+    """`pyclipfast.SigLipLoss` with world_size > 1: open_clip's SigLipLoss, fused.
+
+    The loss of this rank's images against its own texts, plus a negative-only loss against every
+    other rank's texts, each normalised by the local n; the texts travel as `dist_impl` says.
+    """
+    _check_module(module)
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    _check_shards(image_features, text_features, None)
+    loss = module._loss(image_features, text_features, logit_scale, logit_bias)
+    for source, texts in _OTHER_TEXTS[module.dist_impl](text_features, module.rank, module.world_size):
+        if source == module.rank:
+            # 'reduce' hands back our own texts: every rank must run every all-reduce's backward,
+            # so it stays in the graph with weight 0 (open_clip multiplies a whole loss by 0).
+            loss = loss + 0.0 * texts.sum()
+        else:
+            loss = loss + module._loss(image_features, texts, logit_scale, logit_bias, negative_only=True)
+    return loss
