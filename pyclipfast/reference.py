@@ -102,12 +102,15 @@ def _soft_label_loss(teacher_logits, student_logits, dim: int, kd: str) -> torch
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim)
 
 
+# F.cosine_similarity's default: each norm is clamped to at least this (zero vectors give cos = 0).
+COSINE_EPS = 1e-8
+
+
 def cosine_loss(online, target, *, target_grad: bool = False) -> torch.Tensor:
-    """SPEC §4: (1/N) Σ_i (2 − 2·cos(p_i, z_i)), F.cosine_similarity's eps; z is a stop-gradient
-    target unless target_grad."""
+    """SPEC §4: (1/N) Σ_i (2 − 2·cos(p_i, z_i)); z is a stop-gradient target unless target_grad."""
     cd = compute_dtype(online)
     z = target if target_grad else target.detach()
-    return (2 - 2 * F.cosine_similarity(online.to(cd), z.to(cd), dim=-1)).mean()
+    return (2 - 2 * F.cosine_similarity(online.to(cd), z.to(cd), dim=-1, eps=COSINE_EPS)).mean()
 
 
 def recall_at_k(queries, gallery, ks=(1, 5, 10), *, query_ids=None, gallery_ids=None) -> dict:
@@ -117,4 +120,4 @@ def recall_at_k(queries, gallery, ks=(1, 5, 10), *, query_ids=None, gallery_ids=
     pos = positive_mask(*scores.shape, query_ids, gallery_ids, scores.device)
     best = scores.masked_fill(~pos, float("-inf")).amax(1)
     rank = (scores > best[:, None]).sum(1)
-    return {f"R@{k}": float((rank < k).to(cd).mean()) for k in ks}
+    return {f"R@{k}": int((rank < k).sum()) / rank.shape[0] for k in ks}

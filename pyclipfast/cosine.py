@@ -1,0 +1,65 @@
+"""Non-contrastive cosine loss (CLIPin's path), SPEC §4.
+
+    L = (1/N) Σ_i (2 − 2·cos(p_i, z_i)),   cos(p, z) = ⟨p, z⟩ / (max(‖p‖, ε)·max(‖z‖, ε))
+    dL/dp_i = −(2g/N)·(z_i / (n_p n_z) − cos_i·p_i / (n_p‖p_i‖)),   n_p = max(‖p_i‖, ε), n_z = max(‖z_i‖, ε)
+
+which is −(2g/N)/‖p_i‖·(ẑ_i − cos_i·p̂_i) away from zero vectors, and F.cosine_similarity's
+gradient everywhere (ε = 1e-8; a zero p_i gives cos_i = 0 and the second term 0). The
+target z is a stop-gradient by default; with target_grad the symmetric gradient flows to
+z too. Memory-bound: the fast backends read p and z once and write the gradients in the
+same pass (kept for the backward, which only scales them by g).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._dispatch import implementation, resolve
+from ._validation import check_features, check_finite
+
+
+class _Cosine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, online, target, backend: str):
+        impl = implementation("cosine", backend)
+        need_online, need_target = ctx.needs_input_grad[:2]
+        n = online.shape[0]
+        with torch.autocast(online.device.type, enabled=False):
+            cos, d_online, d_target = impl.cosine_forward(online, target, grad_scale=-2.0 / n,
+                                                          need_online=need_online, need_target=need_target)
+        ctx.grads = d_online, d_target
+        return 2 - 2 * cos.mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        d_online, d_target = ctx.grads
+        return (None if d_online is None else d_online * g.to(d_online.dtype),
+                None if d_target is None else d_target * g.to(d_target.dtype), None)
+
+
+def cosine_loss(online: torch.Tensor, target: torch.Tensor, *, target_grad: bool = False,
+                backend: str = "auto") -> torch.Tensor:
+    """Mean of 2 − 2·cos(p_i, z_i) over the rows of online p (N×D) and target z (N×D).
+
+    Args:
+        online: predictions p (N, D).
+        target: targets z (N, D), same dtype and device; a stop-gradient unless ``target_grad``.
+        target_grad: let the gradient flow to the target too.
+        backend: "auto", "triton", "torch" (chunked) or "reference" (F.cosine_similarity).
+
+    Returns:
+        The loss, float32 (float64 for float64 inputs). Zero vectors are clamped like
+        F.cosine_similarity (ε = 1e-8), not an error.
+    """
+    check_features("online", online)
+    check_features("target", target, like=online, like_name="online")
+    if target.shape[0] != online.shape[0]:
+        raise ValueError(f"target has {target.shape[0]} rows but online has {online.shape[0]}; they must match")
+    if not isinstance(target_grad, bool):
+        raise TypeError(f"target_grad must be a bool, got {type(target_grad).__name__}")
+    name = resolve("cosine", backend, online)
+    check_finite("online", online)
+    check_finite("target", target)
+    if name == "reference":
+        return reference.cosine_loss(online, target, target_grad=target_grad)
+    return _Cosine.apply(online, target if target_grad else target.detach(), name)
