@@ -1,0 +1,408 @@
+"""pyclipfast.distributed on real process groups: gloo on the CPU, 2 and 4 ranks, loopback only.
+
+One spawn per world size: every rank runs all the cases below on its shard of one global batch and
+saves what it got (losses and gradients); the tests then compare, in this process,
+  * the drop-in modules with open_clip's modules run in the same ranks with the same options, and
+  * everything with the single-process float64 reference on the concatenated batch.
+Starting a rank costs seconds (it imports torch), so all checks share the two spawns.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+import traceback
+import warnings
+from datetime import timedelta
+from types import ModuleType
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pyclipfast as pcf
+from helpers import TOLERANCE, features, rel_err
+from pyclipfast import distributed as pcd
+
+WORLD_SIZES = [2, 4]
+SPAWN_TIMEOUT_S = 240
+SHARD, DIM = 37, 20                          # image rows per rank, feature dim
+TRITON_SHARD, TRITON_DIM = 10, 16            # Triton runs interpreted on the CPU: keep it tiny,
+TRITON_WORLD = 2                             # and in one of the spawns
+SCALE, BIAS = 14.3, -5.0
+
+# name: (module, options, with bias, backend, dtype)
+MODULE_CASES = {
+    "clip-global": ("ClipLoss", {}, False, "torch", torch.float64),
+    "clip-global-gather-with-grad": ("ClipLoss", dict(gather_with_grad=True), False, "torch", torch.float64),
+    "clip-local": ("ClipLoss", dict(local_loss=True), False, "torch", torch.float64),
+    "clip-local-gather-with-grad": ("ClipLoss", dict(local_loss=True, gather_with_grad=True), True, "torch",
+                                    torch.float64),
+    "siglip-bidir": ("SigLipLoss", dict(dist_impl="bidir"), True, "torch", torch.float64),
+    "siglip-shift": ("SigLipLoss", dict(dist_impl="shift"), True, "torch", torch.float64),
+    "siglip-reduce": ("SigLipLoss", dict(dist_impl="reduce"), True, "torch", torch.float64),
+    "siglip-gather": ("SigLipLoss", dict(dist_impl="gather"), True, "torch", torch.float64),
+    "clip-local-gather-with-grad-triton": ("ClipLoss", dict(local_loss=True, gather_with_grad=True), False,
+                                           "triton", torch.float32),
+    "siglip-bidir-triton": ("SigLipLoss", dict(dist_impl="bidir"), True, "triton", torch.float32),
+}
+
+# How open_clip's module relates to the single-process loss L of the global batch:
+# (each rank's loss is L | the mean over ranks is L, feature-gradient factor or None (only a part),
+#  each rank's scale gradient is ∂L/∂s | the sum over ranks is W·∂L/∂s).
+MODULE_SEMANTICS = {
+    "clip-global": ("every", 1, "every"),
+    "clip-global-gather-with-grad": ("every", "W", "every"),
+    "clip-local": ("mean", None, "sum"),
+    "clip-local-gather-with-grad": ("mean", "W", "sum"),
+    "siglip-bidir": ("mean", "W", "sum"),
+    "siglip-shift": ("mean", "W", "sum"),
+    "siglip-reduce": ("mean", "W", "sum"),
+    "siglip-gather": ("mean", "W", "sum"),
+}
+
+# name: (loss, with ids, backend, dtype)
+FUNCTIONAL_CASES = {
+    "clip": ("clip", False, "torch", torch.float64),
+    "clip-ids": ("clip", True, "torch", torch.float64),
+    "siglip": ("siglip", False, "torch", torch.float64),
+    "siglip-ids": ("siglip", True, "torch", torch.float64),
+    "clip-ids-triton": ("clip", True, "triton", torch.float32),
+}
+
+# name: (exception type, words the message must contain)
+ERROR_CASES = {
+    "uneven-shards": (ValueError, ["image_features", "same number of rows"]),
+    "non-finite-on-one-rank": (ValueError, ["text_features", "non-finite", "rank(s) [1]"]),
+    "image-without-positive": (ValueError, ["image row", "no positive"]),
+    "module-rank-mismatch": (ValueError, ["rank="]),
+}
+
+
+# --------------------------------------------------------------------------- the global batch
+
+def _global_batch(world: int, seed: int, *, rows: int = SHARD, text_rows: Optional[int] = None, dim: int = DIM,
+                  dtype=torch.float64, ids: bool = False) -> Dict[str, torch.Tensor]:
+    """Features of world·rows images and world·text_rows texts, scale, bias and (optionally) ids.
+
+    The ids are shuffled over the whole batch, some repeated, every id on both sides: captions of one
+    image sit on several ranks, and every row and column has a positive.
+    """
+    text_rows = rows if text_rows is None else text_rows
+    n, m = world * rows, world * text_rows
+    batch = dict(image=features(n, dim, dtype=dtype, device="cpu", seed=seed),
+                 text=features(m, dim, dtype=dtype, device="cpu", seed=seed + 1),
+                 scale=torch.tensor(SCALE, dtype=dtype), bias=torch.tensor(BIAS, dtype=dtype))
+    if ids:
+        g = torch.Generator().manual_seed(seed + 2)
+        distinct = (2 * min(n, m)) // 3
+        for key, size in (("image_ids", n), ("text_ids", m)):
+            repeats = torch.randint(0, distinct, (size - distinct,), generator=g)
+            batch[key] = torch.cat([torch.arange(distinct), repeats])[torch.randperm(size, generator=g)]
+    return batch
+
+
+def _shard(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return x.chunk(world)[rank]
+
+
+def _leaves(batch: Dict[str, torch.Tensor], rank: int, world: int, with_bias: bool):
+    image, text = (_shard(batch[k], rank, world).clone().requires_grad_() for k in ("image", "text"))
+    scale = batch["scale"].clone().requires_grad_()
+    bias = batch["bias"].clone().requires_grad_() if with_bias else None
+    return image, text, scale, bias
+
+
+def _loss_and_grads(loss: torch.Tensor, image, text, scale, bias) -> List[Optional[torch.Tensor]]:
+    inputs = [t for t in (image, text, scale, bias) if t is not None]
+    grads = iter(torch.autograd.grad(loss, inputs))
+    return [loss.detach()] + [None if t is None else next(grads) for t in (image, text, scale, bias)]
+
+
+# --------------------------------------------------------------------------- what every rank runs
+
+def _open_clip_loss() -> ModuleType:
+    """open_clip/loss.py loaded alone: importing the whole open_clip package costs each rank ~4 s of CPU."""
+    package = importlib.util.find_spec("open_clip")
+    spec = importlib.util.spec_from_file_location(
+        "open_clip_loss", os.path.join(package.submodule_search_locations[0], "loss.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _module_case(oc: ModuleType, name: str, rank: int, world: int, seed: int) -> dict:
+    module, options, with_bias, backend, dtype = MODULE_CASES[name]
+    triton = backend == "triton"
+    batch = _global_batch(world, seed, rows=TRITON_SHARD if triton else SHARD,
+                          dim=TRITON_DIM if triton else DIM, dtype=dtype)
+    ours = getattr(pcf, module)(rank=rank, world_size=world, backend=backend, **options)
+    theirs = getattr(oc, module)(rank=rank, world_size=world, **options)
+    out = {}
+    for key, loss_module in (("ours", ours), ("theirs", theirs)):
+        image, text, scale, bias = _leaves(batch, rank, world, with_bias)
+        loss = loss_module(image, text, scale, bias)
+        out[key] = _loss_and_grads(loss, image, text, scale, bias)
+    return out
+
+
+def _functional_batch(name: str, world: int, seed: int) -> Dict[str, torch.Tensor]:
+    """With ids, the ranks hold more texts than images."""
+    _, with_ids, backend, dtype = FUNCTIONAL_CASES[name]
+    rows, dim = (TRITON_SHARD, TRITON_DIM) if backend == "triton" else (SHARD, DIM)
+    return _global_batch(world, seed, rows=rows, dim=dim, text_rows=rows + 3 if with_ids else None, dtype=dtype,
+                         ids=with_ids)
+
+
+def _functional_case(name: str, rank: int, world: int, seed: int) -> dict:
+    loss_name, _, backend, _ = FUNCTIONAL_CASES[name]
+    batch = _functional_batch(name, world, seed)
+    image, text, scale, bias = _leaves(batch, rank, world, loss_name == "siglip")
+    ids = {k: _shard(batch[k], rank, world) for k in ("image_ids", "text_ids") if k in batch}
+    loss = getattr(pcd, f"{loss_name}_loss")(image, text, scale, bias, backend=backend, **ids)
+    return {"ours": _loss_and_grads(loss, image, text, scale, bias)}
+
+
+def _pair_batch(seed: int, pair: int) -> Dict[str, torch.Tensor]:
+    """The global batch of ranks 2·pair and 2·pair + 1."""
+    return _global_batch(2, seed + 10 * pair, ids=True)
+
+
+def _subgroup_case(rank: int, world: int, seed: int) -> dict:
+    """Process groups of two ranks each, every pair its own global batch."""
+    groups = [dist.new_group([2 * p, 2 * p + 1]) for p in range(world // 2)]
+    pair, member = divmod(rank, 2)
+    batch = _pair_batch(seed, pair)
+    image, text, scale, _ = _leaves(batch, member, 2, False)
+    ids = {k: _shard(batch[k], member, 2) for k in ("image_ids", "text_ids")}
+    loss = pcd.clip_loss(image, text, scale, group=groups[pair], backend="torch", **ids)
+    return {"ours": _loss_and_grads(loss, image, text, scale, None)}
+
+
+def _error_case(name: str, rank: int, world: int, seed: int) -> dict:
+    batch = _global_batch(world, seed, ids=True)
+    image, text, scale, _ = _leaves(batch, rank, world, False)
+    ids = {k: _shard(batch[k], rank, world) for k in ("image_ids", "text_ids")}
+    try:
+        if name == "uneven-shards":
+            rows = SHARD - 1 if rank == 0 else SHARD
+            pcd.clip_loss(image[:rows], text[:rows], scale, backend="torch")
+        elif name == "non-finite-on-one-rank":
+            text = text.detach().clone()
+            if rank == 1:
+                text[3, 1] = float("nan")
+            pcd.clip_loss(image, text, scale, backend="torch", **ids)
+        elif name == "image-without-positive":
+            ids["text_ids"] = torch.where(ids["text_ids"] == 0, -1, ids["text_ids"])  # no caption has id 0
+            pcd.clip_loss(image, text, scale, backend="torch", **ids)
+        elif name == "module-rank-mismatch":
+            pcf.ClipLoss(rank=(rank + 1) % world, world_size=world, backend="torch")(image, text, scale)
+    except Exception as error:  # noqa: BLE001 - recorded and checked by the test
+        return {"error": (type(error).__name__, str(error))}
+    return {"error": None}
+
+
+def _runs_in(backend: str, world: int) -> bool:
+    return backend != "triton" or world == TRITON_WORLD
+
+
+def _worker(rank: int, world: int, seed: int, rendezvous: str, out_dir: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    warnings.filterwarnings("ignore", category=FutureWarning)  # open_clip's deprecated torch.distributed.nn
+    from pyclipfast.chunked import _tiles
+    _tiles.TILE_ROWS, _tiles.TILE_COLS = 32, 48  # as in conftest: small shapes still span ragged tiles
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    oc = _open_clip_loss()
+    results = {}
+    for name, case in MODULE_CASES.items():
+        if _runs_in(case[3], world):
+            results[f"module/{name}"] = _module_case(oc, name, rank, world, seed)
+    for name, case in FUNCTIONAL_CASES.items():
+        if _runs_in(case[2], world):
+            results[f"functional/{name}"] = _functional_case(name, rank, world, seed)
+    if world % 2 == 0 and world > 2:
+        results["subgroup"] = _subgroup_case(rank, world, seed)
+    for name in ERROR_CASES:
+        results[f"error/{name}"] = _error_case(name, rank, world, seed)
+    results["after-errors"] = _functional_case("clip", rank, world, seed)
+    dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _spawn(world: int, seed: int, out_dir: str) -> None:
+    """Run the ranks, failing (and killing them) after SPAWN_TIMEOUT_S."""
+    context = mp.start_processes(_worker, args=(world, seed, os.path.join(out_dir, "rendezvous"), out_dir),
+                                 nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"world{w}" for w in WORLD_SIZES])
+def run(request, tmp_path_factory):
+    """(world size, seed, per-rank results) of one spawn."""
+    world, seed = request.param, torch.seed() % 2**31  # fresh inputs every run
+    out_dir = tmp_path_factory.mktemp(f"world{world}")
+    try:
+        _spawn(world, seed, str(out_dir))
+    except mp.ProcessRaisedException as error:
+        pytest.fail(f"a rank raised:\n{error}")
+    except mp.ProcessExitedException as error:
+        pytest.fail(f"a rank died: {error}\n{traceback.format_exc()}")
+    return world, seed, [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+
+
+# --------------------------------------------------------------------------- comparisons
+
+def _single_process(loss_name: str, batch: Dict[str, torch.Tensor], with_bias: bool) -> list:
+    """Loss and gradients of the concatenated batch in one process: the float64 reference."""
+    image, text, scale, bias = (batch[k].double().clone().requires_grad_() for k in ("image", "text", "scale", "bias"))
+    bias = bias if with_bias else None
+    ids = {k: batch[k] for k in ("image_ids", "text_ids") if k in batch}
+    fn = pcf.clip_loss if loss_name == "clip" else pcf.siglip_loss
+    loss = fn(image, text, scale, bias, backend="reference", **ids)
+    return _loss_and_grads(loss, image, text, scale, bias)
+
+
+def _assert_close(name: str, out: Optional[torch.Tensor], ref: Optional[torch.Tensor], tol: float) -> None:
+    """Relative error ≤ tol; a reference that vanishes (a bias gradient in InfoNCE) is held absolutely."""
+    assert (out is None) == (ref is None), f"{name}: one side has no gradient"
+    if out is None:
+        return
+    if float(ref.double().norm()) < 1e-12:
+        assert float((out.double() - ref.double()).norm()) < 1e-12, f"{name}: {out} vs {ref}"
+        return
+    err = rel_err(out, ref)
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+GRAD_NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
+
+
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_module_matches_open_clip(run, case):
+    world, _, ranks = run
+    _, _, _, backend, dtype = MODULE_CASES[case]
+    if not _runs_in(backend, world):
+        pytest.skip(f"Triton runs (interpreted) with {TRITON_WORLD} ranks only")
+    tol = TOLERANCE[dtype]
+    for rank, result in enumerate(ranks):
+        got = result[f"module/{case}"]
+        for name, ours, theirs in zip(GRAD_NAMES, got["ours"], got["theirs"]):
+            _assert_close(f"rank {rank} {name}", ours, theirs, tol)
+
+
+@pytest.mark.parametrize("case", list(MODULE_SEMANTICS))
+def test_module_relation_to_the_global_batch(run, case):
+    """open_clip's numbers, spelled out: with gather_with_grad every shard's gradient is W·∂L/∂A_r,
+    which DDP's gradient averaging turns into ∇L."""
+    world, seed, ranks = run
+    module, _, with_bias, _, _ = MODULE_CASES[case]
+    loss_is, feature_factor, scale_is = MODULE_SEMANTICS[case]
+    ref = _single_process("clip" if module == "ClipLoss" else "siglip", _global_batch(world, seed), with_bias)
+    got = [r[f"module/{case}"]["ours"] for r in ranks]
+    tol = TOLERANCE[torch.float64]
+    losses = torch.stack([g[0] for g in got])
+    _assert_close("loss", losses if loss_is == "every" else losses.mean(),
+                  ref[0].expand(world) if loss_is == "every" else ref[0], tol)
+    if feature_factor is not None:
+        factor = world if feature_factor == "W" else 1
+        for k, key in ((1, "image"), (2, "text")):
+            _assert_close(f"d_{key}", torch.cat([g[k] for g in got]), factor * ref[k], tol)
+    scales = torch.stack([g[3] for g in got])
+    _assert_close("d_scale", scales if scale_is == "every" else scales.sum(),
+                  ref[3].expand(world) if scale_is == "every" else world * ref[3], tol)
+
+
+@pytest.mark.parametrize("case", list(FUNCTIONAL_CASES))
+def test_functional_equals_the_single_process_global_batch(run, case):
+    """Every rank returns L; each shard gets its slice of ∂L/∂A; scale/bias gradients sum to ∂L/∂s."""
+    world, seed, ranks = run
+    loss_name, with_ids, backend, dtype = FUNCTIONAL_CASES[case]
+    if not _runs_in(backend, world):
+        pytest.skip(f"Triton runs (interpreted) with {TRITON_WORLD} ranks only")
+    batch = _functional_batch(case, world, seed)
+    ref = _single_process(loss_name, batch, loss_name == "siglip")
+    _assert_functional([r[f"functional/{case}"]["ours"] for r in ranks], ref, TOLERANCE[dtype])
+
+
+def _assert_functional(got: list, ref: list, tol: float) -> None:
+    world = len(got)
+    _assert_close("loss on every rank", torch.stack([g[0] for g in got]), ref[0].expand(world), tol)
+    _assert_close("d_image", torch.cat([g[1] for g in got]), ref[1], tol)
+    _assert_close("d_text", torch.cat([g[2] for g in got]), ref[2], tol)
+    _assert_close("d_scale summed over ranks", sum(g[3] for g in got), ref[3], tol)
+    if ref[4] is not None:
+        _assert_close("d_bias summed over ranks", sum(g[4] for g in got), ref[4], tol)
+
+
+def test_functional_on_subgroups(run):
+    world, seed, ranks = run
+    if world < 4:
+        pytest.skip("needs two groups of two ranks")
+    for pair in range(world // 2):
+        ref = _single_process("clip", _pair_batch(seed, pair), False)
+        _assert_functional([ranks[2 * pair + m]["subgroup"]["ours"] for m in range(2)], ref, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_input_raises_the_same_error_on_every_rank(run, case):
+    """A rank-local error would leave the other ranks waiting in a collective."""
+    _, _, ranks = run
+    kind, words = ERROR_CASES[case]
+    errors = [r[f"error/{case}"]["error"] for r in ranks]
+    assert all(e is not None for e in errors), f"not every rank raised: {errors}"
+    assert {e[0] for e in errors} == {kind.__name__}, errors
+    if case != "module-rank-mismatch":  # there each rank names its own rank
+        assert len({e[1] for e in errors}) == 1, f"ranks disagree: {errors}"
+    for word in words:
+        assert word in errors[0][1], f"{word!r} not in {errors[0][1]!r}"
+
+
+def test_ranks_stay_in_step_after_errors(run):
+    _, _, ranks = run
+    for r in ranks:
+        for ours, again in zip(r["functional/clip"]["ours"], r["after-errors"]["ours"]):
+            _assert_close("repeat", again, ours, TOLERANCE[torch.float64])
+
+
+# --------------------------------------------------------------------------- without a process group
+
+def test_functional_without_process_group_is_the_local_loss():
+    batch = _global_batch(1, 0, ids=True, text_rows=SHARD + 3)
+    ids = {k: batch[k] for k in ("image_ids", "text_ids")}
+    for ours, single in ((pcd.clip_loss, pcf.clip_loss), (pcd.siglip_loss, pcf.siglip_loss)):
+        torch.testing.assert_close(ours(batch["image"], batch["text"], SCALE, BIAS, backend="torch", **ids),
+                                   single(batch["image"], batch["text"], SCALE, BIAS, backend="torch", **ids),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module", [pcf.ClipLoss, pcf.SigLipLoss])
+def test_module_world_size_needs_a_process_group(module):
+    a, b = features(8, 4, device="cpu", seed=0), features(8, 4, device="cpu", seed=1)
+    with pytest.raises(ValueError, match="world_size=2"):
+        module(rank=0, world_size=2, backend="torch")(a, b, SCALE, BIAS)
+
+
+def test_use_horovod_is_not_implemented():
+    a, b = features(8, 4, device="cpu", seed=0), features(8, 4, device="cpu", seed=1)
+    with pytest.raises(NotImplementedError, match="horovod"):
+        pcf.ClipLoss(rank=0, world_size=2, use_horovod=True, backend="torch")(a, b, SCALE)
+
+
+def test_group_must_be_a_process_group():
+    a, b = features(8, 4, device="cpu", seed=0), features(8, 4, device="cpu", seed=1)
+    with pytest.raises(TypeError, match="group"):
+        pcd.clip_loss(a, b, SCALE, group="world")
