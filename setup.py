@@ -51,7 +51,9 @@ def _cuda_extensions():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            # No -std for the C++ binding: torch adds the standard its headers need
+            # (C++20 for recent torch, C++17 for older). The .cu kernels never see torch.
+            "cxx": ["-O3"],
             "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
         },
     )

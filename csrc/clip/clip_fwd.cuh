@@ -1,0 +1,191 @@
+// InfoNCE forward statistics in one sweep over the tiles of S (SPEC §1):
+//
+//     S_ij = s·⟨A_i, B_j⟩                                   (no bias: it cancels)
+//     row_lse_i = logsumexp_j S_ij,   col_lse_j = logsumexp_i S_ij
+//     row_pos_i = Σ_j pos_ij S_ij,    col_pos_j = Σ_i pos_ij S_ij
+//
+// The grid is (row groups × column groups), the scheme of triton/clip.py
+// `_clip_fwd_kernel`. A program sweeps its row blocks; for each it keeps the
+// online (max, sum-exp, pos) of its rows in registers over its column blocks and
+// writes them to its column group's slot of row_max/row_sum/row_pos
+// [col_groups, N]. Each tile's column statistics are merged into the program's
+// row-group slot of col_max/col_sum/col_pos [row_groups, M]. The host merges the
+// slots (`merge_lse`). No atomics, deterministic, every tile computed once.
+#pragma once
+
+#include "tile.cuh"
+
+namespace pyclipfast {
+namespace clip_fwd_kernels {
+
+using namespace tile;
+
+constexpr int kRowsPerWarp = BM / kWarps;  // row pass: a warp reduces one row at a time
+constexpr int kColsPerLane = BN / 32;
+constexpr int kColSlices = kThreads / BN;  // column pass: kColSlices threads per column
+constexpr int kRowsPerSlice = BM / kColSlices;
+
+// (max, sum-exp, positive sum) of the rows a warp owns, the same in all its lanes.
+struct RowStats {
+  float max[kRowsPerWarp], sum[kRowsPerWarp], pos[kRowsPerWarp];
+};
+
+// One tile's column statistics per slice of rows, before they are merged.
+struct ColScratch {
+  float max[kColSlices][BN], sum[kColSlices][BN], pos[kColSlices][BN];
+};
+
+// (max, sum) ← the log-sum-exp merge of (max, sum) and (other_max, other_sum).
+__device__ __forceinline__ void merge_lse(float& max, float& sum, float other_max, float other_sum) {
+  const float new_max = fmaxf(max, other_max);
+  const float shift = finite_or_zero(new_max);
+  sum = sum * expf(max - shift) + other_sum * expf(other_max - shift);
+  max = new_max;
+}
+
+// Fold the tile sm.s into the running statistics of the warp's rows.
+template <typename T>
+__device__ __forceinline__ void row_pass(const TileSmem<T>& sm, RowStats& st, const Positives& pos, float scale,
+                                         int64_t row0, int64_t n_rows, int64_t col0, int64_t n_cols) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  bool col_ok[kColsPerLane];
+  int64_t col_key[kColsPerLane];
+#pragma unroll
+  for (int q = 0; q < kColsPerLane; ++q) {
+    const int64_t j = col0 + lane + 32 * q;
+    col_ok[q] = j < n_cols;
+    col_key[q] = col_ok[q] ? pos.col_key(j) : -1;
+  }
+#pragma unroll
+  for (int t = 0; t < kRowsPerWarp; ++t) {
+    const int r = warp * kRowsPerWarp + t;
+    const int64_t i = row0 + r;
+    const bool row_ok = i < n_rows;
+    const int64_t row_key = row_ok ? pos.row_key(i) : -1;
+    float v[kColsPerLane];
+    float tile_max = kNegInf, pos_sum = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kColsPerLane; ++q) {
+      const bool ok = row_ok && col_ok[q];
+      v[q] = ok ? sm.s[r][lane + 32 * q] * scale : kNegInf;
+      tile_max = fmaxf(tile_max, v[q]);
+      if (ok && pos.match(row_key, col_key[q])) pos_sum += v[q];
+    }
+    const float new_max = fmaxf(st.max[t], warp_max(tile_max));
+    const float shift = finite_or_zero(new_max);  // rows past the end stay −inf; keep them NaN-free
+    float e = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kColsPerLane; ++q) e += expf(v[q] - shift);
+    st.sum[t] = st.sum[t] * expf(st.max[t] - shift) + warp_sum(e);
+    st.max[t] = new_max;
+    st.pos[t] += warp_sum(pos_sum);
+  }
+}
+
+// Merge the tile's column statistics into this program's row-group slot (col_part).
+template <typename T>
+__device__ __forceinline__ void col_pass(const TileSmem<T>& sm, ColScratch& scratch, const ClipForwardParams& p,
+                                         const Positives& pos, float scale, int64_t row0, int64_t col0,
+                                         int64_t col_part) {
+  const int c = threadIdx.x % BN, slice = threadIdx.x / BN;
+  const int64_t j = col0 + c;
+  const bool col_ok = j < p.s.n_cols;
+  const int64_t col_key = col_ok ? pos.col_key(j) : -1;
+  const int r_lo = slice * kRowsPerSlice;
+  const int r_hi = static_cast<int>(min64(r_lo + kRowsPerSlice, col_ok ? p.s.n_rows - row0 : 0));
+  float cmax = kNegInf;
+  for (int r = r_lo; r < r_hi; ++r) cmax = fmaxf(cmax, sm.s[r][c] * scale);
+  const float shift = finite_or_zero(cmax);
+  float csum = 0.0f, cpos = 0.0f;
+  for (int r = r_lo; r < r_hi; ++r) {
+    const float v = sm.s[r][c] * scale;
+    csum += expf(v - shift);
+    if (pos.match(pos.row_key(row0 + r), col_key)) cpos += v;
+  }
+  scratch.max[slice][c] = cmax;
+  scratch.sum[slice][c] = csum;
+  scratch.pos[slice][c] = cpos;
+  __syncthreads();
+  if (slice == 0 && col_ok) {
+    const int64_t at = col_part + j;
+    float m = p.col_max[at], s = p.col_sum[at], ps = p.col_pos[at];
+#pragma unroll
+    for (int q = 0; q < kColSlices; ++q) {
+      merge_lse(m, s, scratch.max[q][c], scratch.sum[q][c]);
+      ps += scratch.pos[q][c];
+    }
+    p.col_max[at] = m;
+    p.col_sum[at] = s;
+    p.col_pos[at] = ps;
+  }
+  // The next row block of this program reads these columns back, and rewrites
+  // the scratch: make the stores visible block-wide first.
+  __syncthreads();
+}
+
+__device__ __forceinline__ void store_rows(const RowStats& st, const ClipForwardParams& p, int64_t row0,
+                                           int64_t row_part) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane != 0) return;
+#pragma unroll
+  for (int t = 0; t < kRowsPerWarp; ++t) {
+    const int64_t i = row0 + warp * kRowsPerWarp + t;
+    if (i < p.s.n_rows) {
+      p.row_max[row_part + i] = st.max[t];
+      p.row_sum[row_part + i] = st.sum[t];
+      p.row_pos[row_part + i] = st.pos[t];
+    }
+  }
+}
+
+template <typename T, Mma M>
+__global__ void __launch_bounds__(kThreads) clip_fwd_kernel(const ClipForwardParams p) {
+  __shared__ TileSmem<T> sm;
+  __shared__ ColScratch scratch;
+  const ScoreParams& s = p.s;
+  const Operand<T> a = make_operand<T>(s.a, s.stride_am, s.stride_ak);
+  const Operand<T> b = make_operand<T>(s.b, s.stride_bn, s.stride_bk);
+  const Positives pos = positives(s);
+  const float scale = __ldg(s.scale);
+  const bool bidirectional = p.col_max != nullptr;
+  const int64_t rb_lo = static_cast<int64_t>(blockIdx.x) * p.row_blocks_per_group;
+  const int64_t rb_hi = min64(rb_lo + p.row_blocks_per_group, ceil_div(s.n_rows, BM));
+  const int64_t cb_lo = static_cast<int64_t>(blockIdx.y) * p.col_blocks_per_group;
+  const int64_t cb_hi = min64(cb_lo + p.col_blocks_per_group, ceil_div(s.n_cols, BN));
+  const int64_t col_part = static_cast<int64_t>(blockIdx.x) * s.n_cols;
+  const int64_t row_part = static_cast<int64_t>(blockIdx.y) * s.n_rows;
+  for (int64_t rb = rb_lo; rb < rb_hi; ++rb) {
+    const int64_t row0 = rb * BM;
+    RowStats st;
+#pragma unroll
+    for (int t = 0; t < kRowsPerWarp; ++t) {
+      st.max[t] = kNegInf;
+      st.sum[t] = 0.0f;
+      st.pos[t] = 0.0f;
+    }
+    for (int64_t cb = cb_lo; cb < cb_hi; ++cb) {
+      const int64_t col0 = cb * BN;
+      score_tile<T, M>(sm, a, b, row0, s.n_rows, col0, s.n_cols, s.dim);
+      row_pass(sm, st, pos, scale, row0, s.n_rows, col0, s.n_cols);
+      if (bidirectional) col_pass(sm, scratch, p, pos, scale, row0, col0, col_part);
+    }
+    store_rows(st, p, row0, row_part);
+  }
+}
+
+template <typename T, Mma M>
+struct Launch {
+  static cudaError_t run(const ClipForwardParams& p, cudaStream_t stream) {
+    clip_fwd_kernel<T, M><<<dim3(p.row_groups, p.col_groups), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+};
+
+}  // namespace clip_fwd_kernels
+
+template <DType D>
+cudaError_t clip_forward(const ClipForwardParams& p, cudaStream_t stream) {
+  return tile::launch_for<typename tile::Storage<D>::T, clip_fwd_kernels::Launch>(p, stream);
+}
+
+}  // namespace pyclipfast

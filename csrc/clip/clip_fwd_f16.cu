@@ -1,0 +1,5 @@
+// InfoNCE forward statistics, f16 features (kernels in clip_fwd.cuh).
+#include "clip/clip_fwd.cuh"
+
+template cudaError_t pyclipfast::clip_forward<pyclipfast::DType::kFloat16>(const pyclipfast::ClipForwardParams&,
+                                                                        cudaStream_t);

@@ -1,0 +1,95 @@
+// pyclipfast CUDA kernels: the plain C++ launch interface.
+//
+// Raw pointers, sizes, strides, a dtype enum and a cudaStream_t: no torch and no
+// device code, so the binding (bindings.cpp, the only file that sees torch) and
+// the kernels (*.cu, which never see torch) compile apart and in parallel.
+//
+// Every launcher returns the cudaError_t of its launch (cudaGetLastError()).
+// Argument checking is the caller's job (bindings.cpp does it before any launch).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace pyclipfast {
+
+// One tile of S = scale·A·Bᵀ is kBlockM rows × kBlockN columns; the host code
+// (pyclipfast/cuda/_launch.py) reads these through pyclipfast._C.BLOCK_M/BLOCK_N.
+constexpr int kBlockM = 64;
+constexpr int kBlockN = 64;
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Which (i, j) are positive pairs: i == j, equal int64 ids, or none at all.
+enum class PosMode : int { kDiagonal = 0, kIds = 1, kNone = 2 };
+
+// Where the scores come from: A (n_rows × dim) and B (n_cols × dim), any strides.
+struct ScoreParams {
+  const void* a;
+  const void* b;
+  int64_t n_rows, n_cols, dim;
+  int64_t stride_am, stride_ak, stride_bn, stride_bk;
+  DType dtype;
+  bool tf32;             // float32 only: TF32 tensor cores instead of IEEE FMA
+  const float* scale;    // device scalar s
+  PosMode pos_mode;
+  const int64_t* row_ids;  // kIds only, n_rows of them
+  const int64_t* col_ids;  // kIds only, n_cols of them
+};
+
+// InfoNCE forward sweep over a (row_groups × col_groups) grid of programs.
+struct ClipForwardParams {
+  ScoreParams s;
+  float* row_max;  // [col_groups, n_rows]
+  float* row_sum;
+  float* row_pos;
+  float* col_max;  // [row_groups, n_cols]; nullptr when rows only
+  float* col_sum;
+  float* col_pos;
+  int row_groups, col_groups;
+  int row_blocks_per_group, col_blocks_per_group;
+};
+
+// InfoNCE gradient tiles of the block [row0, row1) × [col0, col1) of S.
+struct ClipGradParams {
+  ScoreParams s;
+  const float* row_lse;    // each of these six: nullptr when absent
+  const float* col_lse;
+  const float* g_row;
+  const float* g_col;
+  const float* g_row_pos;
+  const float* g_col_pos;
+  const float* inv_norm;   // device scalar: G is stored multiplied by it
+  void* g_out;             // (row1-row0) × (col1-col0), the input dtype; nullptr: not stored
+  int64_t stride_gm, stride_gn;
+  float* dscale_part;      // one per tile, row-major over the block's tiles
+  int64_t row0, row1, col0, col1;
+};
+
+// SigLIP loss / gradient tiles of the block [row0, row1) × [col0, col1) of S.
+struct SiglipParams {
+  ScoreParams s;
+  const float* bias;       // device scalar b, or nullptr for no bias
+  void* g_out;             // as in ClipGradParams (stored as is: |G| < 1)
+  int64_t stride_gm, stride_gn;
+  float* loss_part;        // one each per tile
+  float* dscale_part;
+  float* dbias_part;
+  int64_t row0, row1, col0, col1;
+};
+
+inline int64_t cdiv(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+// Tiles of a block, the length of its dscale/loss partial buffers.
+inline int64_t block_tiles(int64_t row0, int64_t row1, int64_t col0, int64_t col1) {
+  return cdiv(row1 - row0, kBlockM) * cdiv(col1 - col0, kBlockN);
+}
+
+// Per-dtype launchers, defined in <loss>/<kernel>.cuh and explicitly instantiated,
+// one dtype per .cu file, so that nvcc compiles the instantiations in parallel.
+template <DType D> cudaError_t clip_forward(const ClipForwardParams& p, cudaStream_t stream);
+template <DType D> cudaError_t clip_grad(const ClipGradParams& p, cudaStream_t stream);
+template <DType D> cudaError_t siglip(const SiglipParams& p, cudaStream_t stream);
+
+}  // namespace pyclipfast
