@@ -4,7 +4,8 @@
 dA = G·B and dB = Gᵀ·A: G exists one block (rows × cols) at a time and the
 two products run as GEMMs (cuBLAS on the GPU), so a backward pass does the
 minimum 4·N·M·D FLOPs beyond the score recomputation. `merge_lse` combines
-per-group (max, sum-exp) partials from a split forward sweep.
+per-group (max, sum-exp) partials from a split forward sweep, whose grid
+`split_groups` chooses.
 """
 from __future__ import annotations
 
@@ -26,6 +27,21 @@ def merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
     """Combine (max, sum-exp) partials along dim 0 into log-sum-exp."""
     top = part_max.amax(0)
     return top + torch.log((part_sum * torch.exp(part_max - top)).sum(0))
+
+
+def split_groups(n_row_blocks: int, n_col_blocks: int, max_row_groups: int, target_programs: int) -> tuple:
+    """(row_groups, col_groups, row_blocks_per_group, col_blocks_per_group) of a forward sweep.
+
+    At most `max_row_groups` row groups (each keeps an M-long column partial), enough
+    column groups for about `target_programs` programs, and no group left empty.
+    """
+    row_groups = min(n_row_blocks, max_row_groups)
+    rb_per = math.ceil(n_row_blocks / row_groups)
+    row_groups = math.ceil(n_row_blocks / rb_per)
+    col_groups = min(n_col_blocks, max(1, math.ceil(target_programs / row_groups)))
+    cb_per = math.ceil(n_col_blocks / col_groups)
+    col_groups = math.ceil(n_col_blocks / cb_per)
+    return row_groups, col_groups, rb_per, cb_per
 
 
 def grad_block_shape(n: int, m: int, cfg) -> tuple:
