@@ -15,20 +15,21 @@ the three N×M matrices, which `_DistillStats` (the fused part) returns without
 storing any of them. Per row i, with p = softmax_j V_i· (teacher) and
 q = softmax_j U_i· (student):
 
-    row_lse_i         = logsumexp_j Z_ij            row_pos_i     = Σ_j pos_ij Z_ij
-    student_row_lse_i = logsumexp_j U_ij            row_cross_i   = Σ_j p_ij U_ij
-    teacher_row_lse_i = logsumexp_j V_ij            row_entropy_i = teacher_row_lse_i − Σ_j p_ij V_ij
+    row_lse_i         = logsumexp_j Z_ij            row_pos_i   = Σ_j pos_ij Z_ij
+    student_row_lse_i = logsumexp_j U_ij            teacher_row_lse_i = logsumexp_j V_ij
+    row_cross_i       = Σ_j p_ij (U_ij − V_ij)  (kd="kl"),   Σ_j p_ij U_ij  (kd="ce")
 
 and the same down the columns. Since log q_ij = U_ij − student_row_lse_i and
 log p_ij = V_ij − teacher_row_lse_i,
 
-    CE_i = −Σ_j p_ij log q_ij = student_row_lse_i − row_cross_i        (kd="ce", open_clip's DistillClipLoss)
-    KL_i = Σ_j p_ij (log p_ij − log q_ij) = CE_i − row_entropy_i        (kd="kl")
+    KL_i = Σ_j p_ij (log p_ij − log q_ij) = student_row_lse_i − teacher_row_lse_i − row_cross_i
+    CE_i = −Σ_j p_ij log q_ij             = student_row_lse_i − row_cross_i     (open_clip's DistillClipLoss)
 
-The teacher terms are constants, so ∂CE_i/∂U_ij = q_ij − p_ij: the gradient of
-student_row_lse is q, that of row_cross is p. Row sums of p and q come from
-online (max, Σ exp) merges; row_cross from the teacher's exp-weighted sum of U,
-rescaled with the teacher's running max (the flash-attention update).
+(CE − KL is the teacher's entropy.) The teacher terms are constants, so
+∂KL_i/∂U_ij = ∂CE_i/∂U_ij = q_ij − p_ij: the gradient of student_row_lse is q,
+that of row_cross is p. The log-sum-exps come from online (max, Σ exp) merges,
+row_cross from the teacher's exp-weighted sum, rescaled with the teacher's
+running max (the flash-attention update).
 
 The margin needs no arccos. With θ ∈ [0, π] and sin θ = √((1 − c)(1 + c)) ≥ 0:
 
@@ -67,25 +68,30 @@ from ._validation import (
 )
 
 KD_KINDS = ("kl", "ce")
-# The eight differentiable statistics, in the order _DistillStats returns them, then the teacher entropies.
+# The eight differentiable statistics, in the order _DistillStats returns them, then the teacher's.
 GRADIENT_STATS = ("row_lse", "col_lse", "row_pos", "col_pos",
                   "student_row_lse", "student_col_lse", "row_cross", "col_cross")
-TEACHER_STATS = ("row_entropy", "col_entropy")
+TEACHER_STATS = ("teacher_row_lse", "teacher_col_lse")
 # The log-sum-exps the backward sweep needs to rebuild the softmaxes tile by tile.
 LSE_STATS = ("row_lse", "col_lse", "student_row_lse", "student_col_lse", "teacher_row_lse", "teacher_col_lse")
 
 
 class DistillOptions(NamedTuple):
     """What the kernels compute: the margin m (0: ψ = c), the threshold φ (None: no filter), and
-    whether the KD statistics are wanted (λ > 0)."""
+    the KD statistics' kind ("kl", "ce"; None when λ = 0: no KD term)."""
 
     margin: float
     threshold: Optional[float]
-    kd_term: bool
+    kd: Optional[str]
 
     @property
     def needs_teacher(self) -> bool:
-        return self.margin > 0 or self.threshold is not None or self.kd_term
+        return self.margin > 0 or self.threshold is not None or self.kd is not None
+
+    @property
+    def z_is_u(self) -> bool:
+        """Without margin and filter the InfoNCE logits Z are the student logits U."""
+        return self.margin == 0 and self.threshold is None
 
 
 class _DistillStats(torch.autograd.Function):
@@ -100,8 +106,7 @@ class _DistillStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids,
                               *(stats.get(k) for k in LSE_STATS))
-        entropies = [stats[k] for k in TEACHER_STATS if k in stats]
-        ctx.mark_non_differentiable(*entropies)
+        ctx.mark_non_differentiable(*(stats[k] for k in TEACHER_STATS if k in stats))
         return tuple(stats.get(k) for k in GRADIENT_STATS + TEACHER_STATS)
 
     @staticmethod
@@ -162,12 +167,12 @@ def distill_loss(
     check_features("image_features", image_features)
     check_features("text_features", text_features, like=image_features, like_name="image_features")
     _check_teacher(teacher_image_features, teacher_text_features, image_features, text_features)
+    check_option("kd", kd, KD_KINDS)
     opts = DistillOptions(
         _nonnegative("margin", margin),
         _threshold(false_negative_threshold),
-        _nonnegative("kd_weight", kd_weight) > 0,
+        kd if _nonnegative("kd_weight", kd_weight) > 0 else None,
     )
-    check_option("kd", kd, KD_KINDS)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
@@ -198,12 +203,12 @@ def distill_loss(
                      _DistillStats.apply(a, b, scale, ta, tb, teacher_scale, image_ids, text_ids, opts, name)))
     contrastive = 0.5 * (_mean_ce(stats["row_lse"], stats["row_pos"], row_count)
                          + _mean_ce(stats["col_lse"], stats["col_pos"], col_count))
-    if not opts.kd_term:
+    if opts.kd is None:
         return contrastive, torch.zeros_like(contrastive)
     rows = stats["student_row_lse"] - stats["row_cross"]
     cols = stats["student_col_lse"] - stats["col_cross"]
     if kd == "kl":
-        rows, cols = rows - stats["row_entropy"], cols - stats["col_entropy"]
+        rows, cols = rows - stats["teacher_row_lse"], cols - stats["teacher_col_lse"]
     return contrastive, kd_weight * 0.5 * (rows.mean() + cols.mean())
 
 

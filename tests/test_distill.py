@@ -166,8 +166,3 @@ def test_drop_in_matches_open_clip(backend, output_dict):
     for x, y in zip(ours, theirs):
         torch.testing.assert_close(x, y, rtol=2e-5, atol=1e-6)
 
-
-def test_drop_in_multi_process_not_implemented_yet():
-    a = features(4, 8, seed=0)
-    with pytest.raises(NotImplementedError, match="world_size=2"):
-        pcf.DistillClipLoss(world_size=2)(a, a, 10.0, a, a, 10.0)

@@ -2,25 +2,28 @@
 
 One tile (rows i0:i1 × columns j0:j1) of each N×M matrix exists at a time:
 
-    c = A·Bᵀ,  α = Tᵃ·Tᵇᵀ,  μ = m·(1 − α)
-    ψ = c on positives, cos(max(θ − μ, 0)) = c·cos μ + sin θ·sin μ (θ > μ) or 1 on negatives
+    c = A·Bᵀ,  α = Tᵃ·Tᵇᵀ,  θ = arccos(clamp(c)),  μ = m·(1 − α)
+    ψ = c on positives, cos(max(θ − μ, 0)) on negatives,  ψ' = sin(max(θ − μ, 0)) / sin θ
     Z = s·ψ (−∞ on negatives with α > φ),  U = s·c,  V = t·α
 
-Forward, one sweep: the row statistics are exact after a row chunk has seen all
+Forward, one sweep: the row statistics are exact once a row chunk has seen all
 its column tiles; the column statistics are merged across row chunks with the
-online (max, Σ exp) rule, the teacher's exp-weighted sums of U and V rescaled
-with it (row_cross = Σ p·U, row_entropy = lse(V) − Σ p·V).
-
-Backward, second sweep, recomputing each tile (derivation in pyclipfast/distill.py):
+online (max, Σ exp) rule, the teacher's exp-weighted sum (row_cross) rescaled
+with it. Backward, second sweep, recomputing each tile (derivation in
+pyclipfast/distill.py):
 
     ∂/∂Z = g_row_lse·Pʳ + g_col_lse·Pᶜ + pos·(g_row_pos + g_col_pos)
     ∂/∂U = g_student_row_lse·qʳ + g_student_col_lse·qᶜ + g_row_cross·pʳ + g_col_cross·pᶜ
     H = ∂/∂Z·ψ' + ∂/∂U,  dA = s·H·B,  dB = s·Hᵀ·A,  dscale = Σ H·c + Σ ∂/∂Z·(ψ − ψ'·c)
+
+The tile work is a chain of whole-tile PyTorch ops, so the op count is the
+cost: arccos takes fewer passes than the kernels' sin/cos identity, and
+without margin and filter Z = U shares its exponentials (open_clip's
+DistillClipLoss).
 """
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, NamedTuple, Optional
 
 import torch
 
@@ -76,24 +79,29 @@ class _Tiles:
             z.masked_fill_(filtered, float("-inf"))
         return Tile(c, alpha, psi, dpsi, z)
 
+    def student(self, t: Tile) -> torch.Tensor:
+        """U = s·c (the Z tile itself when there is no margin and no filter)."""
+        return t.z if self.opts.z_is_u else t.c * self.scale
+
+    def teacher(self, t: Tile) -> torch.Tensor:
+        """V = t·α."""
+        return t.alpha * self.teacher_scale
+
 
 def angular_margin(c: torch.Tensor, alpha: torch.Tensor, margin: float, slope: bool):
     """ψ = cos(max(θ − μ, 0)) and (if slope) ψ' = dψ/dc for every entry, θ = arccos(clamp(c)), μ = m·(1 − α).
 
-    Without arccos: sin θ = √((1 − c)(1 + c)), θ > μ ⇔ μ < 0 or (μ < π and c < cos μ),
-    ψ = c·cos μ + sin θ·sin μ and ψ' = cos μ − c·sin μ / sin θ there; ψ = 1, ψ' = 0 elsewhere,
-    and ψ' = 0 where the clamp is active (ψ is constant in c there).
+    ψ' = sin(max(θ − μ, 0)) / sin θ is 0 where θ ≤ μ, and is set to 0 where the clamp is
+    active (ψ is constant in c there); the clamp keeps sin θ ≥ 1.4e-3.
     """
-    cc = c.clamp(-1 + ANGLE_EPS, 1 - ANGLE_EPS)
-    sin_theta = (1 - cc).mul_(1 + cc).sqrt_()
-    mu = alpha.mul(-margin).add_(margin)
-    cos_mu, sin_mu = mu.cos(), mu.sin()
-    active = (cc < cos_mu).logical_and_(mu < math.pi).logical_or_(mu < 0)
-    psi = torch.where(active, cc * cos_mu + sin_theta * sin_mu, 1.0)
+    clamped = c.clamp(-1 + ANGLE_EPS, 1 - ANGLE_EPS)
+    theta = clamped.acos()
+    gap = torch.add(theta, alpha, alpha=margin).sub_(margin).clamp_min_(0)  # max(θ − m + m·α, 0)
+    psi = gap.cos()
     if not slope:
         return psi, None
-    dpsi = torch.where(active.logical_and_(c == cc), cos_mu - cc * sin_mu / sin_theta, 0.0)
-    return psi, dpsi
+    dpsi = gap.sin_().div_(theta.sin_())
+    return psi, dpsi.masked_fill_(c != clamped, 0.0)
 
 
 def _on_positives(x: torch.Tensor, value, positives) -> None:
@@ -114,73 +122,71 @@ def _on_positives(x: torch.Tensor, value, positives) -> None:
 
 
 class _RunningLse:
-    """Running max and Σ exp(x − max) over tiles along one axis, plus exp-weighted sums Σ exp(x − max)·y."""
+    """Running max and Σ exp(x − max) over tiles along one axis, plus an exp-weighted sum Σ exp(x − max)·y."""
 
-    def __init__(self, size: int, like: torch.Tensor, weighted: int = 0):
+    def __init__(self, size: int, like: torch.Tensor, weighted: bool = False):
         opts = dict(dtype=like.dtype, device=like.device)
         self.max = torch.full((size,), float("-inf"), **opts)
         self.sum = torch.zeros(size, **opts)
-        self.weighted = [torch.zeros(size, **opts) for _ in range(weighted)]
+        self.weighted = torch.zeros(size, **opts) if weighted else None
 
-    def add(self, x: torch.Tensor, dim: int, at: slice = slice(None), weights: Sequence[torch.Tensor] = ()):
-        """Merge tile x, reduced along dim, into the entries `at`; weights are tiles y like x."""
+    def add(self, x: torch.Tensor, dim: int, at: slice = slice(None), weight: Optional[torch.Tensor] = None):
+        """Merge tile x, reduced along dim, into the entries `at` (weight: the tile y of Σ exp·y)."""
         old = self.max[at]
         new = torch.maximum(old, x.amax(dim))
         shift = new.masked_fill(new == float("-inf"), 0.0)  # an all −∞ (filtered) line stays NaN-free
         rescale = (old - shift).exp_()
         e = (x - shift.unsqueeze(dim)).exp_()
         self.sum[at] = self.sum[at] * rescale + e.sum(dim)
-        for acc, y in zip(self.weighted, weights):
-            acc[at] = acc[at] * rescale + (e * y).sum(dim)
+        if weight is not None:
+            self.weighted[at] = self.weighted[at] * rescale + e.mul_(weight).sum(dim)
         self.max[at] = new
 
     def lse(self) -> torch.Tensor:
         return self.sum.log() + self.max
 
-    def mean(self, k: int) -> torch.Tensor:
-        """Σ softmax(x)·y for the k-th weighted sum."""
-        return self.weighted[k] / self.sum
+    def mean(self) -> torch.Tensor:
+        """Σ softmax(x)·y."""
+        return self.weighted / self.sum
 
 
 def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: "DistillOptions") -> Dict:
     n, m = a.shape[0], b.shape[0]
     tiles = _Tiles(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts)
     like = torch.empty(0, dtype=tiles.cd, device=a.device)
-    out = {k: torch.empty(n, dtype=tiles.cd, device=a.device) for k in ("row_lse", "row_pos")}
+    kd, shared = opts.kd is not None, opts.z_is_u
+    row_names = ["row_lse", "row_pos"] + (["student_row_lse", "teacher_row_lse", "row_cross"] if kd else [])
+    out = {k: torch.empty(n, dtype=tiles.cd, device=a.device) for k in row_names}
     col_pos = torch.zeros(m, dtype=tiles.cd, device=a.device)
     z_cols = _RunningLse(m, like)
-    if opts.kd_term:
-        out.update({k: torch.empty(n, dtype=tiles.cd, device=a.device)
-                    for k in ("student_row_lse", "teacher_row_lse", "row_cross", "row_entropy")})
-        u_cols, v_cols = _RunningLse(m, like), _RunningLse(m, like, weighted=2)
+    if kd:
+        u_cols, v_cols = (z_cols if shared else _RunningLse(m, like)), _RunningLse(m, like, weighted=True)
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         rows = tiles.rows(i0, i1)
         z_rows = _RunningLse(i1 - i0, like)
-        if opts.kd_term:
-            u_rows, v_rows = _RunningLse(i1 - i0, like), _RunningLse(i1 - i0, like, weighted=2)
         row_pos = torch.zeros(i1 - i0, dtype=tiles.cd, device=a.device)
+        if kd:
+            u_rows, v_rows = (z_rows if shared else _RunningLse(i1 - i0, like)), _RunningLse(i1 - i0, like, True)
         for j0, j1 in spans(m, _tiles.TILE_COLS):
             t = tiles.tile(rows, tiles.cols(j0, j1), i0, i1, j0, j1)
             _add_positive_sums(t.z, row_ids, col_ids, i0, i1, j0, j1, row_pos, col_pos)
             z_rows.add(t.z, 1)
             z_cols.add(t.z, 0, slice(j0, j1))
-            if opts.kd_term:
-                u, v = t.c * tiles.scale, t.alpha * tiles.teacher_scale
-                u_rows.add(u, 1)
-                u_cols.add(u, 0, slice(j0, j1))
-                v_rows.add(v, 1, weights=(u, v))
-                v_cols.add(v, 0, slice(j0, j1), weights=(u, v))
+            if kd:
+                u, v = tiles.student(t), tiles.teacher(t)
+                if not shared:
+                    u_rows.add(u, 1)
+                    u_cols.add(u, 0, slice(j0, j1))
+                weight = u - v if opts.kd == "kl" else u
+                v_rows.add(v, 1, weight=weight)
+                v_cols.add(v, 0, slice(j0, j1), weight=weight)
         out["row_lse"][i0:i1], out["row_pos"][i0:i1] = z_rows.lse(), row_pos
-        if opts.kd_term:
-            out["student_row_lse"][i0:i1] = u_rows.lse()
-            out["teacher_row_lse"][i0:i1] = teacher_lse = v_rows.lse()
-            out["row_cross"][i0:i1] = v_rows.mean(0)
-            out["row_entropy"][i0:i1] = teacher_lse - v_rows.mean(1)
+        if kd:
+            out["student_row_lse"][i0:i1] = out["row_lse"][i0:i1] if shared else u_rows.lse()
+            out["teacher_row_lse"][i0:i1], out["row_cross"][i0:i1] = v_rows.lse(), v_rows.mean()
     out.update(col_lse=z_cols.lse(), col_pos=col_pos)
-    if opts.kd_term:
-        teacher_lse = v_cols.lse()
-        out.update(student_col_lse=u_cols.lse(), teacher_col_lse=teacher_lse,
-                   col_cross=v_cols.mean(0), col_entropy=teacher_lse - v_cols.mean(1))
+    if kd:
+        out.update(student_col_lse=u_cols.lse(), teacher_col_lse=v_cols.lse(), col_cross=v_cols.mean())
     return out
 
 
@@ -203,31 +209,36 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
                      lse: Dict, grads: Dict, need_a: bool = True, need_b: bool = True, need_scale: bool = True):
     n, m = a.shape[0], b.shape[0]
     tiles = _Tiles(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts)
-    opts_f = dict(dtype=tiles.cd, device=a.device)
-    da = torch.empty(a.shape, **opts_f) if need_a else None
-    db = torch.zeros(b.shape, **opts_f) if need_b else None
-    dscale = torch.zeros((), **opts_f)
+    f_opts = dict(dtype=tiles.cd, device=a.device)
+    da = torch.empty(a.shape, **f_opts) if need_a else None
+    db = torch.zeros(b.shape, **f_opts) if need_b else None
+    dscale = torch.zeros((), **f_opts)
     need_rows = need_a or need_scale
-    margin_scale = need_scale and opts.margin > 0
+    kd, shared = opts.kd is not None, opts.z_is_u
+    # Softmax-gradient weights per tile matrix; with Z = U the student's join Z's (one exp each way).
+    g_z = (grads["row_lse"], grads["col_lse"])
+    g_u = (grads["student_row_lse"], grads["student_col_lse"]) if kd else (None, None)
+    if shared:
+        g_z, g_u = (_plus(g_z[0], g_u[0]), _plus(g_z[1], g_u[1])), (None, None)
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         rows = tiles.rows(i0, i1)
         a_rows = rows[0]
-        acc = torch.zeros(i1 - i0, a.shape[1], **opts_f) if need_rows else None
+        acc = torch.zeros(i1 - i0, a.shape[1], **f_opts) if need_rows else None
         for j0, j1 in spans(m, _tiles.TILE_COLS):
             cols = tiles.cols(j0, j1)
             t = tiles.tile(rows, cols, i0, i1, j0, j1, slope=True)
-            gz = torch.zeros_like(t.z)
-            _add_softmax_grad(gz, t.z, lse["row_lse"], lse["col_lse"], grads["row_lse"], grads["col_lse"],
-                              i0, i1, j0, j1)
-            add_positive_grad(gz, row_ids, col_ids, i0, i1, j0, j1, grads["row_pos"], grads["col_pos"])
-            h = gz if t.slope is None else gz * t.slope
-            if margin_scale:
-                dscale += (gz * (t.psi - t.slope * t.c)).sum()
-            if opts.kd_term:
-                u, v = t.c * tiles.scale, t.alpha * tiles.teacher_scale
-                _add_softmax_grad(h, u, lse["student_row_lse"], lse["student_col_lse"],
-                                  grads["student_row_lse"], grads["student_col_lse"], i0, i1, j0, j1)
-                _add_softmax_grad(h, v, lse["teacher_row_lse"], lse["teacher_col_lse"],
+            h = torch.zeros_like(t.z)  # ∂/∂Z, then H
+            _add_softmax_grad(h, t.z, lse["row_lse"], lse["col_lse"], *g_z, i0, i1, j0, j1)
+            add_positive_grad(h, row_ids, col_ids, i0, i1, j0, j1, grads["row_pos"], grads["col_pos"])
+            if t.slope is not None:
+                if need_scale:
+                    dscale += (h * (t.psi - t.slope * t.c)).sum()
+                h.mul_(t.slope)
+            if kd:
+                if not shared:
+                    _add_softmax_grad(h, tiles.student(t), lse["student_row_lse"], lse["student_col_lse"], *g_u,
+                                      i0, i1, j0, j1)
+                _add_softmax_grad(h, tiles.teacher(t), lse["teacher_row_lse"], lse["teacher_col_lse"],
                                   grads["row_cross"], grads["col_cross"], i0, i1, j0, j1)
             if need_rows:
                 acc.addmm_(h, cols[0])
@@ -244,6 +255,10 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
         db.to(b.dtype) if need_b else None,
         dscale if need_scale else None,
     )
+
+
+def _plus(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return y if x is None else x if y is None else x + y
 
 
 def _add_softmax_grad(h, x, row_lse, col_lse, g_row, g_col, i0, i1, j0, j1) -> None:

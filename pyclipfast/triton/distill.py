@@ -7,8 +7,8 @@ Per tile, from two score tiles (derivation in pyclipfast/distill.py):
 
 Forward (`_distill_fwd_kernel`, one sweep): online (max, Σ exp) of Z, U and V
 along rows and columns, the positive sums of Z, and the teacher's exp-weighted
-sums Σ e·U and Σ e·V (e = exp(V − running max)), which give
-row_cross = Σ p·U and row_entropy = lse(V) − Σ p·V. The grid and the partial
+sum Σ e·W (e = exp(V − running max), W = U − V for kd="kl", U for "ce"), which
+gives row_cross = Σ p·W. The grid and the partial
 scheme are those of triton/clip.py's forward: a program keeps its rows'
 statistics in registers and merges each tile's column statistics into its row
 group's slot of a column partial buffer; the host merges the groups. No atomics,
@@ -47,7 +47,9 @@ _EPS = tl.constexpr(ANGLE_EPS)
 _PI = tl.constexpr(math.pi)
 
 # Forward partial statistics: index along dim 0 of the row / column partial buffers.
-Z_MAX, Z_SUM, Z_POS, U_MAX, U_SUM, V_MAX, V_SUM, V_CROSS, V_SELF = range(9)
+Z_MAX, Z_SUM, Z_POS, U_MAX, U_SUM, V_MAX, V_SUM, V_CROSS = range(8)
+# KD constexpr: which row_cross the forward accumulates.
+KD_OFF, KD_KL, KD_CE = 0, 1, 2
 # Backward per-row / per-column vectors: index along dim 0 of the packed vector buffers.
 LSE, G_LSE, G_POS, STUDENT_LSE, G_STUDENT_LSE, TEACHER_LSE, G_CROSS = range(7)
 
@@ -133,7 +135,6 @@ def _distill_fwd_kernel(
         v_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         v_sum = tl.zeros((BLOCK_M,), tl.float32)
         v_cross = tl.zeros((BLOCK_M,), tl.float32)
-        v_self = tl.zeros((BLOCK_M,), tl.float32)
         for cb in range(cb_lo, cb_hi):
             offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = offs_n < n_cols
@@ -141,7 +142,7 @@ def _distill_fwd_kernel(
             c = score_tile(a_ptr, b_ptr, offs_m, offs_n, n_rows, n_cols, dim,
                            stride_am, stride_ak, stride_bn, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             alpha = c
-            if MARGIN or FILTER or KD:
+            if MARGIN or FILTER or KD != 0:
                 alpha = score_tile(ta_ptr, tb_ptr, offs_m, offs_n, n_rows, n_cols, teacher_dim,
                                    stride_tam, stride_tak, stride_tbn, stride_tbk, BLOCK_M, BLOCK_N, BLOCK_K,
                                    PRECISION)
@@ -153,19 +154,18 @@ def _distill_fwd_kernel(
             z_max, z_sum, _, _ = online_lse(z_max, z_sum, z, 1)
             _col_lse(col_part, col_stride, Z_MAX, offs_n, col_ok, z)
             _col_update(col_part, col_stride, Z_POS, offs_n, col_ok, 1.0, tl.sum(z_on_pos, 0))
-            if KD:
+            if KD != 0:
                 u = tl.where(valid, c * scale, 0.0)
                 v = tl.where(valid, alpha * teacher_scale, 0.0)
+                w = u - v if KD == 1 else u  # KD_KL: Σ p·(U − V),  KD_CE: Σ p·U
                 u_inf = tl.where(valid, u, float("-inf"))
                 v_inf = tl.where(valid, v, float("-inf"))
                 u_max, u_sum, _, _ = online_lse(u_max, u_sum, u_inf, 1)
                 v_max, v_sum, rescale, e = online_lse(v_max, v_sum, v_inf, 1)
-                v_cross = v_cross * rescale + tl.sum(e * u, 1)
-                v_self = v_self * rescale + tl.sum(e * v, 1)
+                v_cross = v_cross * rescale + tl.sum(e * w, 1)
                 _col_lse(col_part, col_stride, U_MAX, offs_n, col_ok, u_inf)
                 rescale, e = _col_lse(col_part, col_stride, V_MAX, offs_n, col_ok, v_inf)
-                _col_update(col_part, col_stride, V_CROSS, offs_n, col_ok, rescale, tl.sum(e * u, 0))
-                _col_update(col_part, col_stride, V_SELF, offs_n, col_ok, rescale, tl.sum(e * v, 0))
+                _col_update(col_part, col_stride, V_CROSS, offs_n, col_ok, rescale, tl.sum(e * w, 0))
             # The next row block of this program reads these columns back, possibly
             # from other threads: make the writes visible block-wide first.
             tl.debug_barrier()
@@ -173,13 +173,12 @@ def _distill_fwd_kernel(
         tl.store(row_part + Z_MAX * row_stride + offs_m, z_max, mask=row_ok)
         tl.store(row_part + Z_SUM * row_stride + offs_m, z_sum, mask=row_ok)
         tl.store(row_part + Z_POS * row_stride + offs_m, z_pos, mask=row_ok)
-        if KD:
+        if KD != 0:
             tl.store(row_part + U_MAX * row_stride + offs_m, u_max, mask=row_ok)
             tl.store(row_part + U_SUM * row_stride + offs_m, u_sum, mask=row_ok)
             tl.store(row_part + V_MAX * row_stride + offs_m, v_max, mask=row_ok)
             tl.store(row_part + V_SUM * row_stride + offs_m, v_sum, mask=row_ok)
             tl.store(row_part + V_CROSS * row_stride + offs_m, v_cross, mask=row_ok)
-            tl.store(row_part + V_SELF * row_stride + offs_m, v_self, mask=row_ok)
 
 
 @triton.jit
@@ -215,7 +214,7 @@ def _distill_grad_kernel(
     c = score_tile(a_ptr, b_ptr, offs_m, offs_n, row1, col1, dim,
                    stride_am, stride_ak, stride_bn, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     alpha = c
-    if MARGIN or FILTER or KD:
+    if MARGIN or FILTER or KD != 0:
         alpha = score_tile(ta_ptr, tb_ptr, offs_m, offs_n, row1, col1, teacher_dim,
                            stride_tam, stride_tak, stride_tbn, stride_tbk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     pos = positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, row1, col1, POS_MODE)
@@ -226,7 +225,7 @@ def _distill_grad_kernel(
     g_z += tl.where(pos, g_row_pos[:, None] + g_col_pos[None, :], 0.0)
     h = g_z * slope
     ds = g_z * psi
-    if KD:
+    if KD != 0:
         u = c * scale
         v = alpha * tl.load(scales_ptr + 1)
         g_u = _softmax_grad(row_vec_ptr, col_vec_ptr, n_rows, n_cols, offs_m, offs_n, row_ok, col_ok, u,
@@ -251,8 +250,9 @@ def _config(a: torch.Tensor):
 
 
 def _flags(row_ids, opts: "DistillOptions") -> dict:
+    kd = {None: KD_OFF, "kl": KD_KL, "ce": KD_CE}[opts.kd]
     return dict(POS_MODE=0 if row_ids is None else 1, MARGIN=opts.margin > 0, FILTER=opts.threshold is not None,
-                KD=opts.kd_term)
+                KD=kd)
 
 
 def _scales(scale: torch.Tensor, teacher_scale: torch.Tensor) -> torch.Tensor:
@@ -276,11 +276,12 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     n, m = a.shape[0], b.shape[0]
     cfg = _config(a)
     row_groups, col_groups, rb_per, cb_per = split_groups(triton.cdiv(n, cfg.block_m), triton.cdiv(m, cfg.block_n), a)
-    stats = V_SELF + 1 if opts.kd_term else Z_POS + 1
+    kd = opts.kd is not None
+    stats = V_CROSS + 1 if kd else Z_POS + 1
     f32 = dict(dtype=torch.float32, device=a.device)
     row_part = torch.empty(stats, col_groups, n, **f32)
     col_part = torch.zeros(stats, row_groups, m, **f32)
-    col_part[[Z_MAX, U_MAX, V_MAX][: 3 if opts.kd_term else 1]] = float("-inf")
+    col_part[[Z_MAX, U_MAX, V_MAX] if kd else [Z_MAX]] = float("-inf")
     (margin, threshold), shapes = _kernel_args(a, b, ta, tb, opts)
     _distill_fwd_kernel[(row_groups, col_groups)](
         a, b, ta, tb, _scales(scale, teacher_scale), ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a),
@@ -292,16 +293,14 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     for side, part in (("row", row_part), ("col", col_part)):
         out[f"{side}_lse"] = merge_lse(part[Z_MAX], part[Z_SUM])
         out[f"{side}_pos"] = part[Z_POS].sum(0)
-        if opts.kd_term:
-            teacher_lse = merge_lse(part[V_MAX], part[V_SUM])
+        if kd:
             out[f"student_{side}_lse"] = merge_lse(part[U_MAX], part[U_SUM])
-            out[f"teacher_{side}_lse"] = teacher_lse
+            out[f"teacher_{side}_lse"] = merge_lse(part[V_MAX], part[V_SUM])
             out[f"{side}_cross"] = merge_weighted(part[V_MAX], part[V_SUM], part[V_CROSS])
-            out[f"{side}_entropy"] = teacher_lse - merge_weighted(part[V_MAX], part[V_SUM], part[V_SELF])
     return out
 
 
-def _packed_vectors(side: str, lse: Dict, grads: Dict, kd_term: bool, length: int, like: torch.Tensor):
+def _packed_vectors(side: str, lse: Dict, grads: Dict, kd: bool, length: int, like: torch.Tensor):
     """The per-row (or per-column) vectors the gradient kernel reads, in LSE, G_LSE, ... order."""
     zeros = torch.zeros(length, dtype=torch.float32, device=like.device)
 
@@ -310,7 +309,7 @@ def _packed_vectors(side: str, lse: Dict, grads: Dict, kd_term: bool, length: in
         return zeros if g is None else g
 
     vectors = [lse[f"{side}_lse"], grad(f"{side}_lse"), grad(f"{side}_pos")]
-    if kd_term:
+    if kd:
         vectors += [lse[f"student_{side}_lse"], grad(f"student_{side}_lse"), lse[f"teacher_{side}_lse"],
                     grad(f"{side}_cross")]
     return torch.stack([v.float() for v in vectors])
@@ -320,8 +319,8 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
                      lse: Dict, grads: Dict, need_a: bool = True, need_b: bool = True, need_scale: bool = True):
     cfg = _config(a)
     scales = _scales(scale, teacher_scale)
-    row_vec = _packed_vectors("row", lse, grads, opts.kd_term, a.shape[0], a)
-    col_vec = _packed_vectors("col", lse, grads, opts.kd_term, b.shape[0], a)
+    row_vec = _packed_vectors("row", lse, grads, opts.kd is not None, a.shape[0], a)
+    col_vec = _packed_vectors("col", lse, grads, opts.kd is not None, b.shape[0], a)
     # |H_ij| ≤ Σ max|g|·max(1, |ψ'|) and |ψ'| ≤ 1 + 1/sin θ < 10³: H / Σ max|g| fits 16-bit storage.
     norm = sum(g.detach().abs().amax().float() for g in grads.values() if g is not None)
     norm = torch.as_tensor(norm, dtype=torch.float32, device=a.device).clamp_min(1e-30).reshape(1)
