@@ -32,8 +32,9 @@ for ∇L itself; Adam-type optimisers do not notice).
 Positive ids are gathered with the features, so captions of one image held by
 different ranks are positives, not false negatives.
 
-open_clip modules (`clip_module_loss`, `siglip_module_loss`, called by
-`pyclipfast.ClipLoss` / `SigLipLoss` when world_size > 1) follow open_clip
+open_clip modules (`clip_module_loss`, `siglip_module_loss`, `distill_module_loss`,
+called by `pyclipfast.ClipLoss` / `SigLipLoss` / `DistillClipLoss` when
+world_size > 1) follow open_clip
 3.3.0 exactly (gather_with_grad, local_loss, SigLIP's dist_impl), so values and
 gradients equal open_clip's for the same arguments: with gather_with_grad each
 rank's loss is its local mean, and gradients are W·∂L/∂A_r, which DDP's
@@ -47,8 +48,10 @@ import torch
 import torch.distributed as dist
 
 from . import clip as _clip
+from . import reference
 from . import siglip as _siglip
 from ._dispatch import resolve
+from .distill import GRADIENT_STATS, TEACHER_STATS, DistillOptions, _DistillStats
 from ._validation import (
     ScaleLike, as_scale, check_features, check_has_positive, check_ids, data_checks_on, positive_counts,
 )
@@ -423,3 +426,59 @@ def siglip_module_loss(module, image_features: torch.Tensor, text_features: torc
         else:
             loss = loss + module._loss(image_features, texts, logit_scale, logit_bias, negative_only=True)
     return loss
+
+
+def distill_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                        dist_image_features: torch.Tensor, dist_text_features: torch.Tensor,
+                        dist_logit_scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`pyclipfast.DistillClipLoss` with world_size > 1: open_clip's DistillClipLoss, fused.
+
+    Student and teacher features are gathered alike (open_clip calls get_logits on both). Without
+    local_loss: `distill_loss` of the gathered batch. With it, per direction, this rank's rows
+    against all gathered columns (labels offset by rank):
+
+        contrastive = ½[CE(s·A_r·B_allᵀ) + CE(s·B_r·A_allᵀ)]
+        distill     = ½[mean_i CE(softmax(t·Tᵃ_r·Tᵇ_allᵀ)_i, softmax(s·A_r·B_allᵀ)_i) + (text rows likewise)]
+    """
+    _check_module(module)
+    for name, x in (("image_features", image_features), ("text_features", text_features),
+                    ("dist_image_features", dist_image_features), ("dist_text_features", dist_text_features)):
+        check_features(name, x)
+    _check_shards(image_features, text_features, None)
+    options = dict(local_loss=module.local_loss, gather_with_grad=module.gather_with_grad, rank=module.rank,
+                   world_size=module.world_size)
+    all_image, all_text = gather_features(image_features, text_features, **options)
+    all_teacher_image, all_teacher_text = gather_features(dist_image_features, dist_text_features, **options)
+    if not module.local_loss:
+        return module._losses(all_image, all_text, logit_scale, all_teacher_image, all_teacher_text,
+                              dist_logit_scale)
+    labels = module.get_ground_truth(image_features.device, image_features.shape[0])
+    image_ce, image_kd = _distill_rows(image_features, all_text, dist_image_features, all_teacher_text,
+                                       logit_scale, dist_logit_scale, labels, module.backend)
+    text_ce, text_kd = _distill_rows(text_features, all_image, dist_text_features, all_teacher_image,
+                                     logit_scale, dist_logit_scale, labels, module.backend)
+    return 0.5 * (image_ce + text_ce), 0.5 * (image_kd + text_kd)
+
+
+def _distill_rows(queries: torch.Tensor, keys: torch.Tensor, teacher_queries: torch.Tensor,
+                  teacher_keys: torch.Tensor, logit_scale, teacher_scale, labels: torch.Tensor,
+                  backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows only: mean_i CE(s·Q·Kᵀ, labels) and mean_i −Σ_j softmax(t·T_Q·T_Kᵀ)_ij log softmax(s·Q·Kᵀ)_ij.
+
+    The fused distillation statistics of (local rows × gathered columns); only the row statistics
+    are used, so no column gradient is formed.
+    """
+    name = resolve("distill", backend, queries)
+    scale = as_scale("logit_scale", logit_scale, queries)
+    teacher_scale = as_scale("dist_logit_scale", teacher_scale, queries).detach()
+    teacher_queries, teacher_keys = (x.detach().to(queries.dtype) for x in (teacher_queries, teacher_keys))
+    if name == "reference":
+        logits = reference.logits(queries, keys, scale)
+        teacher = reference.logits(teacher_queries, teacher_keys, teacher_scale)
+        kd = -(teacher.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+        return torch.nn.functional.cross_entropy(logits, labels), kd
+    columns = torch.arange(keys.shape[0], device=queries.device)
+    stats = dict(zip(GRADIENT_STATS + TEACHER_STATS, _DistillStats.apply(
+        queries, keys, scale, teacher_queries, teacher_keys, teacher_scale, labels, columns,
+        DistillOptions(margin=0.0, threshold=None, kd="ce"), name)))
+    return (stats["row_lse"] - stats["row_pos"]).mean(), (stats["student_row_lse"] - stats["row_cross"]).mean()

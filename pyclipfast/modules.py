@@ -23,14 +23,6 @@ from .distill import distill_loss
 from .siglip import siglip_loss
 
 
-def _single_process_only(module: nn.Module) -> None:
-    if module.world_size > 1:
-        raise NotImplementedError(
-            f"{type(module).__name__} with world_size={module.world_size} (torch.distributed) is not "
-            "implemented yet; use world_size=1 per process or open_clip's loss for now"
-        )
-
-
 class ClipLoss(nn.Module):
     """Bidirectional InfoNCE, open_clip's ``ClipLoss`` interface.
 
@@ -131,9 +123,13 @@ class DistillClipLoss(ClipLoss):
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                 dist_image_features: torch.Tensor, dist_text_features: torch.Tensor, dist_logit_scale,
                 output_dict: bool = False):
-        _single_process_only(self)
-        contrastive_loss, distill = self._losses(image_features, text_features, logit_scale, dist_image_features,
-                                                 dist_text_features, dist_logit_scale)
+        if self.world_size > 1:
+            contrastive_loss, distill = distributed.distill_module_loss(
+                self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale)
+        else:
+            contrastive_loss, distill = self._losses(image_features, text_features, logit_scale,
+                                                     dist_image_features, dist_text_features, dist_logit_scale)
         if output_dict:
             return {"contrastive_loss": contrastive_loss, "distill_loss": distill}
         return contrastive_loss, distill

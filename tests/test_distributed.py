@@ -31,7 +31,7 @@ SPAWN_TIMEOUT_S = 240
 SHARD, DIM = 37, 20                          # image rows per rank, feature dim
 TRITON_SHARD, TRITON_DIM = 10, 16            # Triton runs interpreted on the CPU: keep it tiny,
 TRITON_WORLD = 2                             # and in one of the spawns
-SCALE, BIAS = 14.3, -5.0
+SCALE, BIAS, TEACHER_SCALE, TEACHER_DIM = 14.3, -5.0, 20.0, 12
 
 # name: (module, options, with bias, backend, dtype)
 MODULE_CASES = {
@@ -47,6 +47,13 @@ MODULE_CASES = {
     "clip-local-gather-with-grad-triton": ("ClipLoss", dict(local_loss=True, gather_with_grad=True), False,
                                            "triton", torch.float32),
     "siglip-bidir-triton": ("SigLipLoss", dict(dist_impl="bidir"), True, "triton", torch.float32),
+    "distill-global-gather-with-grad": ("DistillClipLoss", dict(gather_with_grad=True), False, "torch",
+                                        torch.float64),
+    "distill-local": ("DistillClipLoss", dict(local_loss=True), False, "torch", torch.float64),
+    "distill-local-gather-with-grad": ("DistillClipLoss", dict(local_loss=True, gather_with_grad=True), False,
+                                       "torch", torch.float64),
+    "distill-local-gather-with-grad-triton": ("DistillClipLoss", dict(local_loss=True, gather_with_grad=True),
+                                              False, "triton", torch.float32),
 }
 
 # How open_clip's module relates to the single-process loss L of the global batch:
@@ -85,7 +92,8 @@ ERROR_CASES = {
 
 def _global_batch(world: int, seed: int, *, rows: int = SHARD, text_rows: Optional[int] = None, dim: int = DIM,
                   dtype=torch.float64, ids: bool = False) -> Dict[str, torch.Tensor]:
-    """Features of world·rows images and world·text_rows texts, scale, bias and (optionally) ids.
+    """Features of world·rows images and world·text_rows texts, teacher features of the images, scale,
+    bias and (optionally) ids.
 
     The ids are shuffled over the whole batch, some repeated, every id on both sides: captions of one
     image sit on several ranks, and every row and column has a positive.
@@ -94,6 +102,8 @@ def _global_batch(world: int, seed: int, *, rows: int = SHARD, text_rows: Option
     n, m = world * rows, world * text_rows
     batch = dict(image=features(n, dim, dtype=dtype, device="cpu", seed=seed),
                  text=features(m, dim, dtype=dtype, device="cpu", seed=seed + 1),
+                 teacher_image=features(n, TEACHER_DIM, dtype=dtype, device="cpu", seed=seed + 3),
+                 teacher_text=features(m, TEACHER_DIM, dtype=dtype, device="cpu", seed=seed + 4),
                  scale=torch.tensor(SCALE, dtype=dtype), bias=torch.tensor(BIAS, dtype=dtype))
     if ids:
         g = torch.Generator().manual_seed(seed + 2)
@@ -143,8 +153,13 @@ def _module_case(oc: ModuleType, name: str, rank: int, world: int, seed: int) ->
     out = {}
     for key, loss_module in (("ours", ours), ("theirs", theirs)):
         image, text, scale, bias = _leaves(batch, rank, world, with_bias)
-        loss = loss_module(image, text, scale, bias)
-        out[key] = _loss_and_grads(loss, image, text, scale, bias)
+        if module == "DistillClipLoss":
+            teacher = (_shard(batch[k], rank, world) for k in ("teacher_image", "teacher_text"))
+            contrastive, distill = loss_module(image, text, scale, *teacher, TEACHER_SCALE)
+            got = _loss_and_grads(contrastive + distill, image, text, scale, bias)
+            out[key] = [torch.stack([contrastive, distill]).detach(), *got[1:]]
+        else:
+            out[key] = _loss_and_grads(loss_module(image, text, scale, bias), image, text, scale, bias)
     return out
 
 
@@ -288,7 +303,7 @@ def _assert_close(name: str, out: Optional[torch.Tensor], ref: Optional[torch.Te
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
 
 
-GRAD_NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
+GRAD_NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")  # DistillClipLoss: (contrastive, distill)
 
 
 @pytest.mark.parametrize("case", list(MODULE_CASES))
