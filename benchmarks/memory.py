@@ -117,6 +117,18 @@ class AddressSpaceCap:
 
 # ---------------------------------------------------------------- probes
 
+class InputsDoNotFit(MemoryError):
+    """The case's inputs alone could not be allocated (so the op itself was never run)."""
+
+
+def _inputs(op, spec: CaseSpec):
+    try:
+        return input_sets(op, spec, 1)[0]
+    except Exception as exc:  # noqa: BLE001
+        if is_out_of_memory(exc):
+            raise InputsDoNotFit(f"building the inputs: {short_error(exc)}") from None
+        raise
+
 def probe(spec: CaseSpec, cap_bytes: Optional[int] = None, warm: bool = False) -> ProbeResult:
     """Run one step of `spec` in this process and measure its peak extra memory.
 
@@ -142,7 +154,7 @@ def _probe_cpu(op, spec: CaseSpec, step, cap_bytes: Optional[int]) -> ProbeResul
     inputs = None
     try:
         with AddressSpaceCap(cap_bytes):
-            inputs = input_sets(op, spec, 1)[0]
+            inputs = _inputs(op, spec)
             collect_garbage()
             malloc_trim()
             base = proc_status_bytes("VmRSS")
@@ -173,7 +185,7 @@ def _probe_cuda(op, spec: CaseSpec, step, warm: bool) -> ProbeResult:
 def _measure_cuda(op, spec: CaseSpec, step, method: str) -> ProbeResult:
     import torch
 
-    inputs = input_sets(op, spec, 1)[0]
+    inputs = _inputs(op, spec)
     torch.cuda.synchronize()
     collect_garbage()
     torch.cuda.empty_cache()

@@ -12,13 +12,21 @@ PYCLIPFAST_BACKENDS = ("torch", "triton", "cuda")
 # open_clip's initial scales: exp(log(1/0.07)) for InfoNCE; SigLIP starts at s = 10, b = -10.
 CLIP_LOG_SCALE = math.log(1 / 0.07)
 SIGLIP_LOG_SCALE, SIGLIP_BIAS = math.log(10.0), -10.0
+FEATURE_BLOCK_ROWS = 1 << 16
 
 
 def unit_features(rows: int, cols: int, ctx: Context, gen: torch.Generator, grad: bool = True) -> torch.Tensor:
-    """Random L2-normalised rows (rows × cols) in the case's dtype: what a CLIP tower emits."""
-    x = torch.randn(rows, cols, generator=gen, device=ctx.device, dtype=torch.float32)
-    x = torch.nn.functional.normalize(x, dim=1).to(ctx.dtype)
-    return x.requires_grad_(grad)
+    """Random L2-normalised rows (rows × cols) in the case's dtype: what a CLIP tower emits.
+
+    Drawn in float32 blocks of `FEATURE_BLOCK_ROWS` rows, so building a batch of millions of rows
+    never needs more than one block of float32 scratch beside the result.
+    """
+    out = torch.empty(rows, cols, dtype=ctx.dtype, device=ctx.device)
+    for start in range(0, rows, FEATURE_BLOCK_ROWS):
+        stop = min(start + FEATURE_BLOCK_ROWS, rows)
+        block = torch.randn(stop - start, cols, generator=gen, device=ctx.device, dtype=torch.float32)
+        out[start:stop] = torch.nn.functional.normalize(block, dim=1)
+    return out.requires_grad_(grad)
 
 
 def scalar(value: float, ctx: Context, grad: bool = True) -> torch.Tensor:

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One command on the GPU machine: install the peers from .wheels/, build the CUDA extension if it is
+# not built, check that pyclipfast sees the GPU, run one part of the benchmarks, and leave the results
+# under $OUT (a tarball of benchmarks/results/<device>/ plus the logs: at most 4 files).
+#
+#   bash benchmarks/gpu_bench.sh PART      PART = goals | max-batch | quick | full | full-clip-siglip | full-rest
+#
+#   goals       gpu-goals, speed and memory groups (InfoNCE vs open_clip / Inf-CL, SigLIP 65k, memory at 65k)
+#   max-batch   gpu-goals, largest batch at D=768 (each trial at N ≥ 4M runs for minutes)
+#   quick       the quick suite (every op and implementation at N = 4k, 16k, 64k)
+#   full        the full suite (longer than one 10-minute command: use the two halves below)
+#
+# With the device tool, from the repository root here (after `bash benchmarks/peer_wheels.sh`):
+#   run(command="bash benchmarks/gpu_bench.sh goals", carry=[".wheels"], timeout_s=600)
+# then unpack the tarball here: tar xzf <files_at>/results.tgz -C benchmarks/results
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART=${1:-goals}
+OUT=${OUT:-/tmp/pyclipfast-bench}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+LOG="$OUT/run-$PART.log"
+
+install_peers() {
+    if ls .wheels/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers \
+            .wheels/*.whl && export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "no .wheels/ here: the peers will be skipped (run benchmarks/peer_wheels.sh and carry .wheels)"
+    fi
+}
+
+build_extension() {
+    if ls pyclipfast/_C*.so >/dev/null 2>&1; then
+        echo "pyclipfast._C already built"
+        return
+    fi
+    if [ -z "${CUDA_HOME:-}" ]; then
+        for d in /usr/local/cuda /usr/local/cuda-13.0; do [ -x "$d/bin/nvcc" ] && export CUDA_HOME=$d && break; done
+    fi
+    echo "building pyclipfast._C (log: $OUT/build.log)"
+    local t0=$SECONDS
+    if TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) PYCLIPFAST_BUILD_CUDA=1 \
+        "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+        echo "built in $((SECONDS - t0)) s"
+    else
+        echo "CUDA extension build FAILED after $((SECONDS - t0)) s; backend='cuda' will be skipped:"
+        tail -5 "$OUT/build.log"
+    fi
+}
+
+run_part() {
+    local bench=("$PY" -m benchmarks run --device cuda --note "H100 lent through the device tool; part $PART")
+    case "$PART" in
+        goals) "${bench[@]}" --suite gpu-goals --goals speed,memory --name gpu-goals ;;
+        max-batch) "${bench[@]}" --suite gpu-goals --goals max-batch --name gpu-goals-max-batch ;;
+        quick) "${bench[@]}" --suite quick ;;
+        full) "${bench[@]}" --suite full ;;
+        full-clip-siglip) "${bench[@]}" --suite full --only clip,siglip --name full-clip-siglip ;;
+        full-rest) "${bench[@]}" --suite full --only distill,cosine,recall --name full-rest ;;
+        *) echo "unknown part $PART"; return 2 ;;
+    esac
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+    install_peers
+    build_extension
+    "$PY" -c "import torch, triton, pyclipfast; print('torch', torch.__version__, 'triton', triton.__version__, \
+'GPU', torch.cuda.get_device_name(0))"
+    "$PY" -m benchmarks list --device cuda --dtype bfloat16
+    run_part
+    echo "exit status of the benchmark: $?"
+} 2>&1 | tee "$LOG"
+
+tar czf "$OUT/results.tgz" -C benchmarks/results --exclude='./cpu-*' . && echo "results: $OUT/results.tgz ($(du -h "$OUT/results.tgz" | cut -f1))"
