@@ -129,18 +129,20 @@ def _inputs(op, spec: CaseSpec):
             raise InputsDoNotFit(f"building the inputs: {short_error(exc)}") from None
         raise
 
-def probe(spec: CaseSpec, cap_bytes: Optional[int] = None, warm: bool = False) -> ProbeResult:
+def probe(spec: CaseSpec, cap_bytes: Optional[int] = None, step=None) -> ProbeResult:
     """Run one step of `spec` in this process and measure its peak extra memory.
 
     On the CPU the libraries are first warmed up with a tiny call of the same implementation.
-    `warm`: the caller already ran this exact case (CUDA: kernels compiled, autotuned).
+    `step`: the caller's step for this exact case, already run (CUDA: compiled and autotuned, so
+    compilation stays out of the measurement); None builds a fresh one (its first call is measured).
     """
     from .registry import get_op
 
     op = get_op(spec.op)
-    impl = op.impl(spec.impl)
+    warm = step is not None
     try:
-        step = make_step(op, impl.make_call(spec.context()))
+        if step is None:
+            step = make_step(op, op.impl(spec.impl).make_call(spec.context()))
         if spec.device == "cpu":
             step(input_sets(op, spec.tiny(), 1)[0])
             return _probe_cpu(op, spec, step, cap_bytes)

@@ -225,26 +225,28 @@ class Runner:
             if not memory.ok:
                 return _failed(result, memory.status, memory.message)
             result["value"] = memory.value
+        failure = None
         try:
-            timing, rotation, value = self._time(op, impl, spec, timing_opts)
+            step = make_step(op, impl.make_call(spec.context()))
+            timing, rotation, value = self._time(op, spec, step, timing_opts)
             result.update(time=timing.to_dict(), rotation_sets=rotation)
             result["value"] = result.get("value") if value is None else value
         except Exception as exc:  # noqa: BLE001 - a failing case is a result, not the end of the run
-            status = "oom" if is_out_of_memory(exc) else "error"
+            failure = ("oom" if is_out_of_memory(exc) else "error", short_error(exc))
+        if failure is not None:  # outside the except block, so the failed frames' tensors are gone
             if self.device == "cuda":
                 release_cuda_memory()
-            return _failed(result, status, short_error(exc))
+            return _failed(result, *failure)
         if self.device == "cuda":
-            memory = probe(spec, warm=True)
+            memory = probe(spec, step=step)
             result["memory"] = memory.to_dict()
             if not memory.ok:
                 return _failed(result, memory.status, memory.message)
         result["status"] = "ok"
         return result
 
-    def _time(self, op: Op, impl, spec: CaseSpec, timing_opts: dict):
+    def _time(self, op: Op, spec: CaseSpec, step, timing_opts: dict):
         """(Timing, rotation count, output value or None); CPU warm-up is a tiny call of the same step."""
-        step = make_step(op, impl.make_call(spec.context()))
         count = self._rotation_count(op, spec)
         if self.device == "cpu":
             step(input_sets(op, spec.tiny(), 1)[0])
