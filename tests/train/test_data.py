@@ -6,8 +6,12 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from pyclipfast.train.data import (
+    CLIP_MEAN,
+    CLIP_STD,
     COLOUR_NAMES,
     COLOURS,
     REGIONS,
@@ -15,9 +19,13 @@ from pyclipfast.train.data import (
     SHAPES,
     SIZES,
     CaptionNoise,
+    ResizeCropNormalize,
     Scene,
     SceneObject,
+    SyntheticClipDataset,
     SyntheticScenes,
+    ToNormalizedTensor,
+    collate_clip,
     describe,
     detailed_caption,
     render_scene,
@@ -444,3 +452,65 @@ def test_bad_index_epoch_and_caption_input():
     with pytest.raises(TypeError, match="scene"):
         short_caption("a red circle")
     assert describe(two_object_scene()).relation == "left of"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch Dataset, collate and image transforms
+
+
+def test_dataset_normalises_images_and_collates_multi_positive_batches():
+    scenes = SyntheticScenes("train", 16)
+    dataset = SyntheticClipDataset(scenes, captions="all")
+    sample = dataset[3]
+    pixels = torch.from_numpy(scenes.image(3)).permute(2, 0, 1).float()
+    expected = (pixels / 255 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    torch.testing.assert_close(sample.image, expected)
+    assert sample.captions == scenes.captions(3, "all") and sample.image_id == 3
+    batch = next(iter(DataLoader(dataset, batch_size=5, collate_fn=collate_clip)))
+    assert batch.images.shape == (5, 3, 64, 64) and batch.images.dtype == torch.float32
+    assert len(batch.texts) == 10
+    assert batch.image_ids.tolist() == [0, 1, 2, 3, 4]
+    assert batch.text_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert batch.texts[2:4] == list(scenes.captions(1, "all"))
+
+
+def test_dataset_custom_normalisation_and_epoch():
+    scenes = SyntheticScenes("train", 8, min_objects=3, max_objects=3)
+    dataset = SyntheticClipDataset(scenes, captions="sentences", mean=(0, 0, 0), std=(1, 1, 1))
+    pixels = torch.from_numpy(scenes.image(0)).permute(2, 0, 1).float()
+    torch.testing.assert_close(dataset[0].image * 255, pixels)
+    first = [dataset[i].captions for i in range(8)]
+    dataset.set_epoch(1)
+    assert [dataset[i].captions for i in range(8)] != first
+    for index in range(8):
+        assert dataset[index].captions == scenes.captions(index, "sentences", epoch=1)
+
+
+def test_resize_crop_normalize_and_uint8_conversion():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 6, 20))
+    out = ResizeCropNormalize(10, mean=(0, 0, 0), std=(1, 1, 1))(image)
+    assert out.shape == (3, 10, 10)
+    assert torch.allclose(out[0], torch.ones(10, 10), atol=0.02), "the blue left edge is cropped away"
+    tall = ResizeCropNormalize(7)(image.rotate(90, expand=True))
+    assert tall.shape == (3, 7, 7)
+    with pytest.raises(ValueError, match="size"):
+        ResizeCropNormalize(0)
+    with pytest.raises(ValueError, match="std"):
+        ResizeCropNormalize(8, std=(1, 0, 1))
+    with pytest.raises(ValueError, match="image"):
+        ToNormalizedTensor()(np.zeros((4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="mean"):
+        ToNormalizedTensor(mean=(0.5,))
+
+
+def test_dataset_bad_arguments():
+    scenes = SyntheticScenes("val", 5)
+    with pytest.raises(TypeError, match="scenes"):
+        SyntheticClipDataset([1, 2, 3])
+    with pytest.raises(ValueError, match="mean"):
+        SyntheticClipDataset(scenes, mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="epoch"):
+        SyntheticClipDataset(scenes).set_epoch(-2)
+    with pytest.raises(ValueError, match="samples"):
+        collate_clip([])

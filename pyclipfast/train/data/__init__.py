@@ -4,6 +4,8 @@
     render       Scene → (H, W, 3) uint8 image
     captions     short / detailed captions, misalignment (CaptionNoise), sentence sampling
     synthetic    SyntheticScenes: one deterministic split of the procedural dataset
+    dataset      SyntheticClipDataset + collate_clip: normalised tensors, captions, ids
+    transforms   CLIP normalisation, uint8 → tensor, ResizeCropNormalize for real data
 """
 
 from .captions import (
@@ -18,18 +20,24 @@ from .captions import (
     short_caption,
     split_sentences,
 )
+from .dataset import ClipBatch, SyntheticClipDataset, SyntheticSample, collate_clip
 from .render import render_scene, shape_mask
 from .scenes import COLOUR_NAMES, COLOURS, RELATIONS, REGIONS, SHAPES, SIZES, Scene, SceneObject, sample_scene
 from .synthetic import CAPTION_MODES, DEFAULT_SPLIT_SIZES, SPLITS, SyntheticScenes
+from .transforms import CLIP_MEAN, CLIP_STD, ResizeCropNormalize, ToNormalizedTensor
 
 __all__ = [
     "ATTRIBUTES",
     "CAPTION_MODES",
+    "CLIP_MEAN",
+    "CLIP_STD",
     "COLOURS",
     "COLOUR_NAMES",
     "CaptionNoise",
+    "ClipBatch",
     "DEFAULT_SPLIT_SIZES",
     "ObjectDescription",
+    "ResizeCropNormalize",
     "REGIONS",
     "RELATIONS",
     "SHAPES",
@@ -38,7 +46,11 @@ __all__ = [
     "Scene",
     "SceneDescription",
     "SceneObject",
+    "SyntheticClipDataset",
+    "SyntheticSample",
     "SyntheticScenes",
+    "ToNormalizedTensor",
+    "collate_clip",
     "describe",
     "detailed_caption",
     "relation_sentence",
