@@ -26,10 +26,12 @@ from pyclipfast.train.data import (
     SyntheticScenes,
     ToNormalizedTensor,
     collate_clip,
+    compose_pair,
     describe,
     detailed_caption,
     render_scene,
     sample_sentences,
+    semantic_compositions,
     shape_mask,
     short_caption,
     split_sentences,
@@ -514,3 +516,78 @@ def test_dataset_bad_arguments():
         SyntheticClipDataset(scenes).set_epoch(-2)
     with pytest.raises(ValueError, match="samples"):
         collate_clip([])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP-C semantic compositions
+
+
+@pytest.mark.parametrize("width", [8, 9, 5])
+def test_composite_geometry_and_caption(width):
+    images = torch.arange(4 * 3 * 6 * width, dtype=torch.float32).view(4, 3, 6, width)
+    captions = ["c0", "c1", "c2", "c3"]
+    original = images.clone()
+    out, texts, mask = semantic_compositions(images, captions, rho=1.0, generator=generator(0))
+    torch.testing.assert_close(images, original)
+    assert mask.all() and out.shape == images.shape
+    left = width - width // 2
+    right = width // 2
+    for i in range(4):
+        partner = int(re.fullmatch(rf"c{i} and c(\d)", texts[i]).group(1))
+        assert partner != i
+        start_left, start_right = (width - left) // 2, (width - right) // 2
+        torch.testing.assert_close(out[i, :, :, :left], images[i, :, :, start_left : start_left + left])
+        right_part = images[partner, :, :, start_right : start_right + right]
+        torch.testing.assert_close(out[i, :, :, left:], right_part)
+
+
+def test_composite_partner_is_never_the_element_itself():
+    images = torch.zeros(3, 1, 2, 2)
+    partners = Counter()
+    for seed in range(30):
+        texts = semantic_compositions(images, ["c0", "c1", "c2"], rho=1.0, generator=generator(seed))[1]
+        partners.update(texts)
+    assert set(partners) == {f"c{i} and c{j}" for i in range(3) for j in range(3) if i != j}
+
+
+def test_compose_pair_centre_halves_exactly():
+    a = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]], dtype=torch.uint8)
+    b = a + 10
+    assert compose_pair(a, b).tolist() == [[2, 3, 4, 5, 12, 13, 14, 15]]
+    odd = torch.tensor([[0, 1, 2, 3, 4]])
+    assert compose_pair(odd, odd + 10).tolist() == [[1, 2, 3, 11, 12]]
+
+
+def test_compositions_rate_partners_and_determinism():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    captions = [f"c{i}" for i in range(64)]
+    out, texts, mask = semantic_compositions(images, captions, rho=0.25, generator=generator(1))
+    assert out.dtype == torch.uint8
+    assert 6 <= int(mask.sum()) <= 28
+    for i in range(64):
+        if mask[i]:
+            assert texts[i].startswith(f"c{i} and c") and texts[i] != f"c{i} and c{i}"
+        else:
+            assert texts[i] == captions[i] and torch.equal(out[i], images[i])
+    again = semantic_compositions(images, captions, rho=0.25, generator=generator(1))
+    assert torch.equal(again[0], out) and again[1] == texts
+    redrawn = semantic_compositions(images, captions, rho=1.0, generator=generator(2))[1]
+    assert redrawn != semantic_compositions(images, captions, rho=1.0, generator=generator(3))[1]
+    unchanged, same_texts, none = semantic_compositions(images, captions, rho=0.0)
+    assert torch.equal(unchanged, images) and same_texts == captions and not none.any()
+    single = semantic_compositions(images[:1], captions[:1], rho=1.0)
+    assert not single[2].any() and single[1] == captions[:1]
+
+
+def test_compositions_bad_arguments():
+    images = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="rho"):
+        semantic_compositions(images, ["a", "b"], rho=1.5)
+    with pytest.raises(ValueError, match="captions"):
+        semantic_compositions(images, ["a"], rho=0.5)
+    with pytest.raises(ValueError, match="captions"):
+        semantic_compositions(images, "ab", rho=0.5)
+    with pytest.raises(ValueError, match="images"):
+        semantic_compositions(images[0], ["a", "b", "c"], rho=0.5)
+    with pytest.raises(ValueError, match="same shape"):
+        compose_pair(images[0], images[0, :, :2])

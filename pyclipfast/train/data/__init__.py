@@ -5,6 +5,7 @@
     captions     short / detailed captions, misalignment (CaptionNoise), sentence sampling
     synthetic    SyntheticScenes: one deterministic split of the procedural dataset
     dataset      SyntheticClipDataset + collate_clip: normalised tensors, captions, ids
+    composition  CLIP-C semantic compositions (batch transform)
     transforms   CLIP normalisation, uint8 → tensor, ResizeCropNormalize for real data
 """
 
@@ -20,6 +21,7 @@ from .captions import (
     short_caption,
     split_sentences,
 )
+from .composition import compose_pair, semantic_compositions
 from .dataset import ClipBatch, SyntheticClipDataset, SyntheticSample, collate_clip
 from .render import render_scene, shape_mask
 from .scenes import COLOUR_NAMES, COLOURS, RELATIONS, REGIONS, SHAPES, SIZES, Scene, SceneObject, sample_scene
@@ -51,12 +53,14 @@ __all__ = [
     "SyntheticScenes",
     "ToNormalizedTensor",
     "collate_clip",
+    "compose_pair",
     "describe",
     "detailed_caption",
     "relation_sentence",
     "render_scene",
     "sample_scene",
     "sample_sentences",
+    "semantic_compositions",
     "shape_mask",
     "short_caption",
     "split_sentences",
