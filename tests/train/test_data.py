@@ -14,6 +14,7 @@ from pyclipfast.train.data import (
     CLIP_STD,
     COLOUR_NAMES,
     COLOURS,
+    PROBE_KINDS,
     REGIONS,
     RELATIONS,
     SHAPES,
@@ -27,6 +28,7 @@ from pyclipfast.train.data import (
     ToNormalizedTensor,
     collate_clip,
     compose_pair,
+    compositional_probe,
     describe,
     detailed_caption,
     render_scene,
@@ -35,6 +37,10 @@ from pyclipfast.train.data import (
     shape_mask,
     short_caption,
     split_sentences,
+    zero_shot_classnames,
+    zero_shot_label,
+    zero_shot_prompts,
+    zero_shot_samples,
 )
 from pyclipfast.train.data.captions import REGION_PHRASES
 from pyclipfast.train.data.scenes import GRID
@@ -591,3 +597,61 @@ def test_compositions_bad_arguments():
         semantic_compositions(images[0], ["a", "b", "c"], rho=0.5)
     with pytest.raises(ValueError, match="same shape"):
         compose_pair(images[0], images[0, :, :2])
+
+
+# ---------------------------------------------------------------------------------------------
+# zero-shot classification and compositional probe
+
+
+def test_zero_shot_classes_prompts_and_labels():
+    assert len(zero_shot_classnames("shape")) == 8 and len(zero_shot_classnames("colour")) == 8
+    names = zero_shot_classnames("colour_shape")
+    assert len(set(names)) == 64 and "red circle" in names
+    prompts = zero_shot_prompts("shape")
+    assert len(prompts) == 8 and prompts[0][0] == "a photo of a circle."
+    val = SyntheticScenes("val", 150)
+    indices, labels = zero_shot_samples(val, "colour_shape")
+    assert 20 < len(indices) < 100
+    for index, label in zip(indices, labels):
+        obj = val.scene(index).objects[0]
+        assert len(val.scene(index).objects) == 1
+        assert names[label] == f"{obj.colour} {obj.shape}"
+        assert zero_shot_classnames("shape")[zero_shot_label(val.scene(index), "shape")] == obj.shape
+        assert zero_shot_classnames("colour")[zero_shot_label(val.scene(index), "colour")] == obj.colour
+    assert len(set(labels)) > 15
+    with pytest.raises(ValueError, match="task"):
+        zero_shot_classnames("texture")
+    with pytest.raises(ValueError, match="single-object"):
+        zero_shot_label(two_object_scene(), "shape")
+    with pytest.raises(ValueError, match="templates"):
+        zero_shot_prompts("shape", ["no placeholder"])
+
+
+def test_probe_negatives_differ_in_the_intended_way():
+    val = SyntheticScenes("val", 200)
+    records = compositional_probe(val)
+    assert records == compositional_probe(SyntheticScenes("val", 200))
+    two_object = [i for i in range(200) if len(val.scene(i).objects) == 2]
+    assert sorted({r.index for r in records}) == two_object
+    assert Counter(r.kind for r in records) == {k: len(two_object) for k in PROBE_KINDS}
+    for record in records:
+        first, second = val.scene(record.index).objects
+        assert record.caption == relation_text(first, val.scene(record.index).relation, second)
+        assert record.negative != record.caption
+        true_words, negative_words = words(record.caption), words(record.negative)
+        if record.kind in ("swap_attributes", "swap_relation"):
+            assert sorted(true_words) == sorted(negative_words)
+        if record.kind == "swap_attributes":
+            assert shapes_in(record.negative) == shapes_in(record.caption)
+            assert record.negative.index(second.colour) < record.negative.index(first.colour)
+            assert record.negative.index(first.shape) < record.negative.index(second.shape)
+        elif record.kind == "swap_relation":
+            assert record.negative.startswith(f"The {second.colour} {second.shape} is")
+        else:
+            changed = [(t, n) for t, n in zip(true_words, negative_words) if t != n]
+            assert len(changed) == 1 and len(true_words) == len(negative_words)
+            old, new = changed[0]
+            assert old in (first.shape, second.shape)
+            assert new in SHAPES and new not in (first.shape, second.shape)
+    with pytest.raises(ValueError, match="kinds"):
+        compositional_probe(val, ["swap_everything"])

@@ -6,6 +6,8 @@
     synthetic    SyntheticScenes: one deterministic split of the procedural dataset
     dataset      SyntheticClipDataset + collate_clip: normalised tensors, captions, ids
     composition  CLIP-C semantic compositions (batch transform)
+    zeroshot     zero-shot classes, prompts and labels over the synthetic data
+    probe        ARO/SugarCrepe-style compositional probe records
     transforms   CLIP normalisation, uint8 → tensor, ResizeCropNormalize for real data
 """
 
@@ -23,10 +25,19 @@ from .captions import (
 )
 from .composition import compose_pair, semantic_compositions
 from .dataset import ClipBatch, SyntheticClipDataset, SyntheticSample, collate_clip
+from .probe import PROBE_KINDS, ProbeRecord, compositional_probe
 from .render import render_scene, shape_mask
 from .scenes import COLOUR_NAMES, COLOURS, RELATIONS, REGIONS, SHAPES, SIZES, Scene, SceneObject, sample_scene
 from .synthetic import CAPTION_MODES, DEFAULT_SPLIT_SIZES, SPLITS, SyntheticScenes
 from .transforms import CLIP_MEAN, CLIP_STD, ResizeCropNormalize, ToNormalizedTensor
+from .zeroshot import (
+    ZERO_SHOT_TASKS,
+    ZERO_SHOT_TEMPLATES,
+    zero_shot_classnames,
+    zero_shot_label,
+    zero_shot_prompts,
+    zero_shot_samples,
+)
 
 __all__ = [
     "ATTRIBUTES",
@@ -39,6 +50,8 @@ __all__ = [
     "ClipBatch",
     "DEFAULT_SPLIT_SIZES",
     "ObjectDescription",
+    "PROBE_KINDS",
+    "ProbeRecord",
     "ResizeCropNormalize",
     "REGIONS",
     "RELATIONS",
@@ -52,8 +65,11 @@ __all__ = [
     "SyntheticSample",
     "SyntheticScenes",
     "ToNormalizedTensor",
+    "ZERO_SHOT_TASKS",
+    "ZERO_SHOT_TEMPLATES",
     "collate_clip",
     "compose_pair",
+    "compositional_probe",
     "describe",
     "detailed_caption",
     "relation_sentence",
@@ -64,4 +80,8 @@ __all__ = [
     "shape_mask",
     "short_caption",
     "split_sentences",
+    "zero_shot_classnames",
+    "zero_shot_label",
+    "zero_shot_prompts",
+    "zero_shot_samples",
 ]
