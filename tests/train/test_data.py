@@ -1,11 +1,15 @@
 """Tests of pyclipfast.train.data: synthetic scenes, captions, CLIP-C, probes and file readers."""
 
+import io
+import json
+import logging
 import re
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -20,12 +24,14 @@ from pyclipfast.train.data import (
     SHAPES,
     SIZES,
     CaptionNoise,
+    CsvCaptions,
     ResizeCropNormalize,
     Scene,
     SceneObject,
     SyntheticClipDataset,
     SyntheticScenes,
     ToNormalizedTensor,
+    WebDatasetCaptions,
     collate_clip,
     compose_pair,
     compositional_probe,
@@ -655,3 +661,154 @@ def test_probe_negatives_differ_in_the_intended_way():
             assert new in SHAPES and new not in (first.shape, second.shape)
     with pytest.raises(ValueError, match="kinds"):
         compositional_probe(val, ["swap_everything"])
+
+
+# ---------------------------------------------------------------------------------------------
+# real data: CSV and webdataset readers
+
+
+def png_bytes(colour, size=(20, 14), fmt="PNG"):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+CORRUPT = b"\xff\xd8\xff\xe0 this is not a jpeg at all"
+
+
+@pytest.fixture()
+def csv_folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i, colour in enumerate(["red", "green", "blue", "white"]):
+        (images / f"{i}.png").write_bytes(png_bytes(colour))
+        rows.append((f"images/{i}.png", f"a {colour} picture"))
+    (images / "bad.jpg").write_bytes(CORRUPT)
+    rows.insert(2, ("images/bad.jpg", "a corrupt picture"))
+    (tmp_path / "train.tsv").write_text("filepath\ttitle\n" + "".join(f"{p}\t{c}\n" for p, c in rows))
+    return tmp_path
+
+
+def test_csv_reader_resolves_paths_and_skips_corrupt_images(csv_folder, monkeypatch, caplog):
+    monkeypatch.chdir(csv_folder.parent)
+    dataset = CsvCaptions(csv_folder / "train.tsv", transform=ResizeCropNormalize(8))
+    assert len(dataset) == 5
+    with caplog.at_level(logging.WARNING):
+        items = [dataset[i] for i in range(len(dataset))]
+    captions = [caption for _, caption in items]
+    # Row 2 (bad.jpg) is unreadable: the next row stands in for it.
+    assert captions == [f"a {c} picture" for c in ("red", "green", "blue", "blue", "white")]
+    assert all(image.shape == (3, 8, 8) for image, _ in items)
+    assert dataset.skipped.value == 1
+    assert "bad.jpg" in caplog.text
+    plain = CsvCaptions(csv_folder / "train.tsv")
+    image, caption = plain[0]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_csv_reader_counts_skips_in_dataloader_workers(csv_folder):
+    dataset = CsvCaptions(csv_folder / "train.tsv", transform=ResizeCropNormalize(8))
+    loader = DataLoader(dataset, batch_size=2, num_workers=2)
+    batches = list(loader)
+    assert sum(len(captions) for _, captions in batches) == 5
+    assert batches[0][0].shape == (2, 3, 8, 8)
+    assert dataset.skipped.value == 1
+
+
+def test_csv_reader_options_and_errors(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes("black"))
+    (tmp_path / "data.csv").write_text(f"image,caption\n{tmp_path / 'a.png'},an absolute path\n")
+    dataset = CsvCaptions(tmp_path / "data.csv", sep=",", img_key="image", caption_key="caption")
+    assert dataset[0][1] == "an absolute path"
+    with pytest.raises(IndexError):
+        dataset[1]
+    with pytest.raises(ValueError, match="caption_key: column 'title'"):
+        CsvCaptions(tmp_path / "data.csv", sep=",", img_key="image")
+    with pytest.raises(ValueError, match="img_key: column 'filepath'"):
+        CsvCaptions(tmp_path / "data.csv", sep=",", caption_key="caption")
+    with pytest.raises(FileNotFoundError, match="missing.csv"):
+        CsvCaptions(tmp_path / "missing.csv")
+    (tmp_path / "bad.csv").write_text("image,caption\nmissing.png,gone\n")
+    with pytest.raises(RuntimeError, match="no readable image"):
+        CsvCaptions(tmp_path / "bad.csv", sep=",", img_key="image", caption_key="caption")[0]
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    green_json = json.dumps({"caption": "green one"}).encode()
+    samples = [
+        [
+            {"__key__": "s00", "png": png_bytes("red"), "txt": b"red one"},
+            {"__key__": "s01", "jpg": png_bytes("green", fmt="JPEG"), "json": green_json},
+            {"__key__": "s02", "jpg": CORRUPT, "txt": b"corrupt one"},
+        ],
+        [
+            {"__key__": "s10", "webp": png_bytes("blue", fmt="WEBP"), "txt": b"blue one"},
+            {"__key__": "s11", "png": png_bytes("white"), "cls": b"3"},
+            {"__key__": "s12", "jpeg": png_bytes("black", fmt="JPEG"), "txt": b"black one"},
+        ],
+    ]
+    for number, shard in enumerate(samples):
+        with wds.TarWriter(str(tmp_path / f"{number:03d}.tar")) as writer:
+            for sample in shard:
+                writer.write(sample)
+    return tmp_path
+
+
+def test_webdataset_reader_reads_formats_and_skips_bad_samples(shards):
+    dataset = WebDatasetCaptions(str(shards / "{000..001}.tar"), transform=ResizeCropNormalize(4))
+    items = list(dataset)
+    assert [caption for _, caption in items] == ["red one", "green one", "blue one", "black one"]
+    assert all(image.shape == (3, 4, 4) for image, _ in items)
+    assert dataset.skipped.value == 2
+    raw = list(WebDatasetCaptions([str(shards / "001.tar")]))
+    assert raw[0][0].mode == "RGB" and raw[0][1] == "blue one"
+
+
+def test_webdataset_reader_with_workers_reads_every_sample_once(shards):
+    dataset = WebDatasetCaptions(str(shards / "{000..001}.tar"), transform=ResizeCropNormalize(4))
+    captions = [c for _, batch in DataLoader(dataset, batch_size=2, num_workers=2) for c in batch]
+    assert sorted(captions) == ["black one", "blue one", "green one", "red one"]
+    assert dataset.skipped.value == 2
+
+
+def test_webdataset_shuffle_is_reproducible_per_epoch(shards):
+    def order(epoch, buffer=10):
+        dataset = WebDatasetCaptions(str(shards / "{000..001}.tar"), shuffle_buffer=buffer, seed=0)
+        dataset.set_epoch(epoch)
+        return tuple(caption for _, caption in dataset)
+
+    assert order(0) == order(0)
+    orders = {order(epoch) for epoch in range(8)}
+    assert len(orders) > 2
+    assert all(sorted(o) == ["black one", "blue one", "green one", "red one"] for o in orders)
+    # A buffer of one keeps samples in shard order, so only the shard order changes.
+    shard_orders = {order(epoch, buffer=1) for epoch in range(8)}
+    assert shard_orders == {
+        ("red one", "green one", "blue one", "black one"),
+        ("blue one", "black one", "red one", "green one"),
+    }
+
+
+def test_webdataset_reader_errors(shards):
+    with pytest.raises(FileNotFoundError, match="002.tar"):
+        WebDatasetCaptions(str(shards / "{000..002}.tar"))
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        WebDatasetCaptions(str(shards / "000.tar"), shuffle_buffer=-1)
+    with pytest.raises(ValueError, match="urls"):
+        WebDatasetCaptions([])
+    with pytest.raises(TypeError, match="seed"):
+        WebDatasetCaptions(str(shards / "000.tar"), seed="0")
+    with pytest.raises(ValueError, match="epoch"):
+        WebDatasetCaptions(str(shards / "000.tar")).set_epoch(-1)
+
+
+def test_truncated_shard_is_counted_not_fatal(shards):
+    data = (shards / "000.tar").read_bytes()
+    (shards / "000.tar").write_bytes(data[: len(data) // 3])
+    dataset = WebDatasetCaptions(str(shards / "{000..001}.tar"))
+    captions = [caption for _, caption in dataset]
+    assert captions[-2:] == ["blue one", "black one"]
+    # One skip is shard 001's sample without caption; the truncated tar adds at least one.
+    assert dataset.skipped.value >= 2

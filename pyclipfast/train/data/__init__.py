@@ -8,6 +8,7 @@
     composition  CLIP-C semantic compositions (batch transform)
     zeroshot     zero-shot classes, prompts and labels over the synthetic data
     probe        ARO/SugarCrepe-style compositional probe records
+    files        CsvCaptions (open_clip CSV) and WebDatasetCaptions (tar shards) readers
     transforms   CLIP normalisation, uint8 → tensor, ResizeCropNormalize for real data
 """
 
@@ -25,6 +26,7 @@ from .captions import (
 )
 from .composition import compose_pair, semantic_compositions
 from .dataset import ClipBatch, SyntheticClipDataset, SyntheticSample, collate_clip
+from .files import CsvCaptions, SkipCounter, WebDatasetCaptions, expand_shards, load_rgb
 from .probe import PROBE_KINDS, ProbeRecord, compositional_probe
 from .render import render_scene, shape_mask
 from .scenes import COLOUR_NAMES, COLOURS, RELATIONS, REGIONS, SHAPES, SIZES, Scene, SceneObject, sample_scene
@@ -48,6 +50,7 @@ __all__ = [
     "COLOUR_NAMES",
     "CaptionNoise",
     "ClipBatch",
+    "CsvCaptions",
     "DEFAULT_SPLIT_SIZES",
     "ObjectDescription",
     "PROBE_KINDS",
@@ -61,10 +64,12 @@ __all__ = [
     "Scene",
     "SceneDescription",
     "SceneObject",
+    "SkipCounter",
     "SyntheticClipDataset",
     "SyntheticSample",
     "SyntheticScenes",
     "ToNormalizedTensor",
+    "WebDatasetCaptions",
     "ZERO_SHOT_TASKS",
     "ZERO_SHOT_TEMPLATES",
     "collate_clip",
@@ -72,6 +77,8 @@ __all__ = [
     "compositional_probe",
     "describe",
     "detailed_caption",
+    "expand_shards",
+    "load_rgb",
     "relation_sentence",
     "render_scene",
     "sample_scene",

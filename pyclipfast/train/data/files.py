@@ -1,0 +1,223 @@
+"""Readers for real image–caption data: open_clip's CSV format and webdataset tar shards.
+
+Both yield (image, caption) with the user's image transform applied to an RGB PIL image, and
+never crash on bad data: an unreadable image (or, in shards, a sample without image or
+caption, or an unreadable tar member or shard) is skipped, logged and counted in
+`reader.skipped.value`, a counter shared with DataLoader worker processes.
+
+    CsvCaptions: map-style. A row whose image cannot be read is replaced by the next readable
+        row, so batches stay full; `DataLoader(CsvCaptions(...), batch_size=..., shuffle=True)`.
+    WebDatasetCaptions: iterable. Unreadable samples are dropped from the stream; shards are
+        split across distributed ranks and DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+# What a missing, truncated, corrupt or oversized image (PIL) or a bad caption (utf-8, json) raises.
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+ImageTransform = Callable[[Image.Image], Any]
+
+
+class SkipCounter:
+    """Counts skipped data across the processes that inherit it (DataLoader workers, fork or spawn)."""
+
+    def __init__(self) -> None:
+        self._count = multiprocessing.Value("q", 0)
+
+    def add(self, reason: str) -> None:
+        """Count one skipped sample (or unreadable shard) and log why."""
+        with self._count.get_lock():
+            self._count.value += 1
+        logger.warning("skipped: %s", reason)
+
+    @property
+    def value(self) -> int:
+        """The number of skips so far, in all processes."""
+        return int(self._count.value)
+
+
+def load_rgb(source: str | os.PathLike[str] | bytes) -> Image.Image:
+    """Open and fully decode an image file (path or encoded bytes) as RGB."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        return image.convert("RGB")
+
+
+class CsvCaptions(Dataset[tuple[Any, str]]):
+    """open_clip's CSV format: one row per (image path, caption).
+
+    Args:
+        path: the CSV/TSV file. Image paths relative to its folder are resolved against it.
+        transform: applied to each RGB PIL image (None: the PIL image itself).
+        sep, img_key, caption_key: open_clip's --csv-separator, --csv-img-key, --csv-caption-key.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        transform: ImageTransform | None = None,
+        *,
+        sep: str = "\t",
+        img_key: str = "filepath",
+        caption_key: str = "title",
+    ) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"CSV file not found: {path}")
+        table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+        for argument, column in (("img_key", img_key), ("caption_key", caption_key)):
+            if column not in table.columns:
+                found = f"columns: {list(table.columns)}, sep={sep!r}"
+                raise ValueError(f"{argument}: column {column!r} not in {path} ({found})")
+        if table.empty:
+            raise ValueError(f"CSV file has no rows: {path}")
+        self.path = path
+        self.images = [str(path.parent / p) for p in table[img_key]]
+        self.captions = table[caption_key].tolist()
+        self.transform = transform
+        self.skipped = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _read(self, index: int) -> Image.Image | None:
+        """The image of row `index`, or None if it cannot be read."""
+        try:
+            return load_rgb(self.images[index])
+        except UNREADABLE_ERRORS:
+            return None
+
+    def _next_readable(self, index: int) -> tuple[int, Image.Image]:
+        """The first readable row after `index` (wrapping around) and its image."""
+        for offset in range(1, len(self)):
+            candidate = (index + offset) % len(self)
+            image = self._read(candidate)
+            if image is not None:
+                return candidate, image
+        raise RuntimeError(f"no readable image in {self.path}")
+
+    def __getitem__(self, index: int) -> tuple[Any, str]:
+        """(transformed image, caption) of row `index`, or of the next readable row if it is unreadable."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} rows")
+        image = self._read(index)
+        if image is None:
+            self.skipped.add(f"unreadable image {self.images[index]} (row {index} of {self.path})")
+            index, image = self._next_readable(index)
+        return (image if self.transform is None else self.transform(image)), self.captions[index]
+
+
+def expand_shards(urls: str | Sequence[str]) -> list[str]:
+    """Brace-expand a shard pattern ("data/{000..003}.tar", "::"-separated lists allowed) or take a list.
+
+    Local shards must exist (FileNotFoundError names the first missing one); URLs and "pipe:"
+    sources are left to webdataset.
+    """
+    shards = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
+    if not shards:
+        raise ValueError(f"urls matched no shard: {urls!r}")
+    for shard in shards:
+        if "://" not in shard and not shard.startswith("pipe:") and not os.path.isfile(shard):
+            raise FileNotFoundError(f"webdataset shard not found: {shard}")
+    return shards
+
+
+def _caption_of(sample: dict[str, Any]) -> str:
+    """The caption of a webdataset sample: its "txt" member, or the "caption" of its "json" member."""
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8").strip()
+    if "json" in sample:
+        metadata = json.loads(sample["json"])
+        caption = metadata.get("caption") if isinstance(metadata, dict) else None
+        if isinstance(caption, str):
+            return caption.strip()
+    raise ValueError("no caption (txt, or json with a 'caption' string)")
+
+
+def _image_of(sample: dict[str, Any]) -> Image.Image:
+    """The decoded image of a webdataset sample (first of IMAGE_EXTENSIONS present)."""
+    for extension in IMAGE_EXTENSIONS:
+        if extension in sample:
+            return load_rgb(sample[extension])
+    raise ValueError(f"no image member (one of {IMAGE_EXTENSIONS})")
+
+
+class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
+    """webdataset shards whose samples hold an image (jpg/jpeg/png/webp) and a caption (txt or json).
+
+    Args:
+        urls: a brace pattern ("data/{000..003}.tar") or a list of shard paths/URLs.
+        transform: applied to each RGB PIL image (None: the PIL image itself).
+        shuffle_buffer: 0 reads shards and samples in order; n > 0 shuffles the shard order and
+            samples through a buffer of n, reproducibly from (seed, epoch).
+        seed: base seed of the shuffle.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        transform: ImageTransform | None = None,
+        *,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be a non-negative int, got {shuffle_buffer!r}")
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.shards = expand_shards(urls)
+        self.transform = transform
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = 0
+        self.skipped = SkipCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle is used."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = epoch
+
+    def _handle(self, error: Exception) -> bool:
+        """webdataset error handler: count an unreadable shard or member and go on."""
+        self.skipped.add(f"unreadable webdataset data: {error!r}")
+        return True
+
+    def _shard_stream(self, rng: random.Random) -> Iterator[dict[str, str]]:
+        """This rank's and this worker's shards, as webdataset expects them."""
+        shards = list(self.shards)
+        if self.shuffle_buffer:
+            rng.shuffle(shards)
+        for shard in wds.split_by_worker(wds.split_by_node(shards)):
+            yield {"url": shard}
+
+    def __iter__(self) -> Iterator[tuple[Any, str]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        samples = wds.tarfile_samples(self._shard_stream(rng), handler=self._handle)
+        if self.shuffle_buffer:
+            samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
+        for sample in samples:
+            try:
+                image, caption = _image_of(sample), _caption_of(sample)
+            except UNREADABLE_ERRORS as error:
+                self.skipped.add(f"{sample.get('__key__')} in {sample.get('__url__')}: {error!r}")
+                continue
+            yield (image if self.transform is None else self.transform(image)), caption
