@@ -36,11 +36,12 @@ if TYPE_CHECKING:
 
 
 class Tile(NamedTuple):
-    c: torch.Tensor                   # ⟨A_i, B_j⟩
-    alpha: Optional[torch.Tensor]     # ⟨Tᵃ_i, Tᵇ_j⟩, None when the teacher is not needed
-    psi: torch.Tensor                 # ψ (c itself without a margin)
-    slope: Optional[torch.Tensor]     # ψ' = dψ/dc, None without a margin or when not asked for
-    z: torch.Tensor                   # s·ψ, −∞ where filtered
+    u: torch.Tensor                   # U = s·c, straight from the GEMM with s·A
+    v: Optional[torch.Tensor]         # V = t·α, straight from the GEMM with t·Tᵃ; None without a teacher
+    c: Optional[torch.Tensor]         # c = U / s, with a margin only
+    psi: Optional[torch.Tensor]       # ψ, with a margin only (ψ = c without)
+    slope: Optional[torch.Tensor]     # ψ' = dψ/dc, with a margin and when asked for
+    z: torch.Tensor                   # Z = s·ψ, −∞ where filtered (U itself without margin and filter)
 
 
 class _Tiles:
@@ -51,57 +52,59 @@ class _Tiles:
         self.a, self.b, self.ta, self.tb = a, b, ta, tb
         self.scale = scale.detach().to(self.cd)
         self.teacher_scale = teacher_scale.detach().to(self.cd)
+        self.margin_per_v = opts.margin / float(self.teacher_scale)  # μ = m − (m/t)·V
         self.row_ids, self.col_ids, self.opts = row_ids, col_ids, opts
 
     def rows(self, i0: int, i1: int):
-        teacher = self.ta[i0:i1].to(self.cd) if self.opts.needs_teacher else None
-        return self.a[i0:i1].to(self.cd), teacher
+        """(A rows, s·A rows, t·Tᵃ rows or None)."""
+        a_rows = self.a[i0:i1].to(self.cd)
+        teacher = self.ta[i0:i1].to(self.cd) * self.teacher_scale if self.opts.needs_teacher else None
+        return a_rows, a_rows * self.scale, teacher
 
     def cols(self, j0: int, j1: int):
         teacher = self.tb[j0:j1].to(self.cd) if self.opts.needs_teacher else None
         return self.b[j0:j1].to(self.cd), teacher
 
     def tile(self, rows, cols, i0: int, i1: int, j0: int, j1: int, slope: bool = False) -> Tile:
-        (a_rows, ta_rows), (b_cols, tb_cols) = rows, cols
-        c = a_rows @ b_cols.T
-        alpha = ta_rows @ tb_cols.T if ta_rows is not None else None
+        (_, a_scaled, ta_scaled), (b_cols, tb_cols) = rows, cols
+        opts = self.opts
+        u = a_scaled @ b_cols.T
+        v = ta_scaled @ tb_cols.T if ta_scaled is not None else None
+        if opts.z_is_u:
+            return Tile(u, v, None, None, None, u)
         positives = positive_tile(self.row_ids, self.col_ids, i0, i1, j0, j1)
-        psi, dpsi = c, None
-        if self.opts.margin > 0:
-            psi, dpsi = angular_margin(c, alpha, self.opts.margin, slope)
+        c = psi = dpsi = None
+        z = u
+        if opts.margin > 0:
+            c = u / self.scale
+            psi, dpsi = angular_margin(c, v, self.margin_per_v, opts.margin, slope)
             _on_positives(psi, c, positives)
             if dpsi is not None:
                 _on_positives(dpsi, 1.0, positives)
-        z = psi * self.scale
-        if self.opts.threshold is not None:
-            filtered = alpha > self.opts.threshold
+            z = psi * self.scale
+        if opts.threshold is not None:
+            filtered = v > opts.threshold * self.teacher_scale  # α > φ
             _on_positives(filtered, False, positives)
-            z.masked_fill_(filtered, float("-inf"))
-        return Tile(c, alpha, psi, dpsi, z)
-
-    def student(self, t: Tile) -> torch.Tensor:
-        """U = s·c (the Z tile itself when there is no margin and no filter)."""
-        return t.z if self.opts.z_is_u else t.c * self.scale
-
-    def teacher(self, t: Tile) -> torch.Tensor:
-        """V = t·α."""
-        return t.alpha * self.teacher_scale
+            z = z.masked_fill(filtered, float("-inf"))
+        return Tile(u, v, c, psi, dpsi, z)
 
 
-def angular_margin(c: torch.Tensor, alpha: torch.Tensor, margin: float, slope: bool):
-    """ψ = cos(max(θ − μ, 0)) and (if slope) ψ' = dψ/dc for every entry, θ = arccos(clamp(c)), μ = m·(1 − α).
+def angular_margin(c: torch.Tensor, v: torch.Tensor, margin_per_v: float, margin: float, slope: bool):
+    """ψ = cos(max(θ − μ, 0)) and (if slope) ψ' = dψ/dc for every entry, θ = arccos(clamp(c)),
+    μ = m·(1 − α) = m − (m/t)·V.
 
     ψ' = sin(max(θ − μ, 0)) / sin θ is 0 where θ ≤ μ, and is set to 0 where the clamp is
     active (ψ is constant in c there); the clamp keeps sin θ ≥ 1.4e-3.
     """
-    clamped = c.clamp(-1 + ANGLE_EPS, 1 - ANGLE_EPS)
-    theta = clamped.acos()
-    gap = torch.add(theta, alpha, alpha=margin).sub_(margin).clamp_min_(0)  # max(θ − m + m·α, 0)
+    theta = c.clamp(-1 + ANGLE_EPS, 1 - ANGLE_EPS)
+    clamped = (theta != c) if slope else None
+    theta.acos_()
+    gap = torch.add(theta, v, alpha=margin_per_v).sub_(margin).clamp_min_(0)  # max(θ − μ, 0)
     psi = gap.cos()
     if not slope:
         return psi, None
     dpsi = gap.sin_().div_(theta.sin_())
-    return psi, dpsi.masked_fill_(c != clamped, 0.0)
+    return psi, dpsi.masked_fill_(clamped, 0.0)
 
 
 def _on_positives(x: torch.Tensor, value, positives) -> None:
@@ -173,13 +176,12 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
             z_rows.add(t.z, 1)
             z_cols.add(t.z, 0, slice(j0, j1))
             if kd:
-                u, v = tiles.student(t), tiles.teacher(t)
                 if not shared:
-                    u_rows.add(u, 1)
-                    u_cols.add(u, 0, slice(j0, j1))
-                weight = u - v if opts.kd == "kl" else u
-                v_rows.add(v, 1, weight=weight)
-                v_cols.add(v, 0, slice(j0, j1), weight=weight)
+                    u_rows.add(t.u, 1)
+                    u_cols.add(t.u, 0, slice(j0, j1))
+                weight = t.u - t.v if opts.kd == "kl" else t.u
+                v_rows.add(t.v, 1, weight=weight)
+                v_cols.add(t.v, 0, slice(j0, j1), weight=weight)
         out["row_lse"][i0:i1], out["row_pos"][i0:i1] = z_rows.lse(), row_pos
         if kd:
             out["student_row_lse"][i0:i1] = out["row_lse"][i0:i1] if shared else u_rows.lse()
@@ -236,12 +238,11 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
                 h.mul_(t.slope)
             if kd:
                 if not shared:
-                    _add_softmax_grad(h, tiles.student(t), lse["student_row_lse"], lse["student_col_lse"], *g_u,
-                                      i0, i1, j0, j1)
-                _add_softmax_grad(h, tiles.teacher(t), lse["teacher_row_lse"], lse["teacher_col_lse"],
+                    _add_softmax_grad(h, t.u, lse["student_row_lse"], lse["student_col_lse"], *g_u, i0, i1, j0, j1)
+                _add_softmax_grad(h, t.v, lse["teacher_row_lse"], lse["teacher_col_lse"],
                                   grads["row_cross"], grads["col_cross"], i0, i1, j0, j1)
             if need_rows:
-                acc.addmm_(h, cols[0])
+                acc.addmm_(h, cols[0])  # Σ_j H_ij B_j
             if need_b:
                 db[j0:j1].addmm_(h.T, a_rows)
         if need_scale:

@@ -1,0 +1,92 @@
+"""CPU fwd+bwd of distill_loss: the chunked torch backend against the materialised reference.
+
+Each implementation runs in a fresh process: the inputs are built, the peak-RSS
+counter is reset (``5 > /proc/self/clear_refs``), one forward + backward is timed,
+and the extra peak memory is VmHWM minus the RSS before the call.
+
+    python benchmarks/bench_distill_cpu.py                     # N=8192 D=256 Dt=256, margin 0.1, filter 0.5, kl
+    python benchmarks/bench_distill_cpu.py --n 4096 --repeat 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+IMPLEMENTATIONS = {"fused": "torch", "materialised": "reference"}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def worker(args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import pyclipfast as pcf
+
+    torch.manual_seed(0)
+    a, b = torch.randn(args.n, args.d), torch.randn(args.n, args.d)
+    ta, tb = torch.randn(args.n, args.dt), torch.randn(args.n, args.dt)
+    options = dict(margin=args.margin, false_negative_threshold=args.threshold, kd=args.kd,
+                   backend=IMPLEMENTATIONS[args.worker])
+
+    def step(rows):
+        x, y = a[:rows].detach().requires_grad_(), b[:rows].detach().requires_grad_()
+        scale = torch.tensor(14.3, requires_grad=True)
+        contrastive, distill = pcf.distill_loss(x, y, ta[:rows], tb[:rows], scale, 20.0, **options)
+        (contrastive + distill).backward()
+        return float(contrastive + distill)
+
+    step(256)  # warm-up: imports, kernels, allocator
+    times, cpu_times, extra = [], [], []
+    for _ in range(args.repeat):
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = step(args.n)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        extra.append((_status_kib("VmHWM") - before) / 1024)
+    return dict(implementation=args.worker, seconds=min(times), cpu_seconds=min(cpu_times),
+                extra_peak_mib=max(extra), loss=loss, threads=torch.get_num_threads())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--dt", type=int, default=256)
+    parser.add_argument("--margin", type=float, default=0.1)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--kd", choices=("kl", "ce"), default="kl")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--worker", choices=list(IMPLEMENTATIONS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    results = {}
+    for name in IMPLEMENTATIONS:
+        cmd = [sys.executable, __file__, "--worker", name] + sys.argv[1:]
+        results[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    print(f"distill_loss fwd+bwd, CPU float32, N={args.n} D={args.d} Dt={args.dt}, margin={args.margin} "
+          f"threshold={args.threshold} kd={args.kd}, {results['fused']['threads']} threads")
+    for name, r in results.items():
+        print(f"  {name:13s} {r['seconds']:7.2f} s wall {r['cpu_seconds']:7.2f} s cpu   "
+              f"extra peak {r['extra_peak_mib']:8.1f} MiB   loss {r['loss']:.6f}")
+    fused, materialised = results["fused"], results["materialised"]
+    print(f"  fused / materialised: wall {fused['seconds'] / materialised['seconds']:.2f}x, "
+          f"cpu {fused['cpu_seconds'] / materialised['cpu_seconds']:.2f}x, "
+          f"extra memory {100 * fused['extra_peak_mib'] / materialised['extra_peak_mib']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
