@@ -113,7 +113,7 @@ void check_groups(const char* side, int64_t groups, int64_t per_group, int64_t b
                     " blocks");
 }
 
-// Device checks run last: a on a CUDA device, every other given tensor on the same one.
+// Device checks run last: the first tensor on a CUDA device, every other given one on the same.
 struct Named {
   const char* name;
   const Tensor* tensor;  // nullptr: an optional argument that was not given
@@ -121,11 +121,13 @@ struct Named {
   Named(const char* name, const OptTensor& t) : name(name), tensor(t ? &*t : nullptr) {}
 };
 
-void check_devices(const Tensor& a, std::initializer_list<Named> others) {
-  TORCH_CHECK_VALUE(a.is_cuda(), "a must be a CUDA tensor, got device ", a.device());
-  for (const Named& x : others) {
-    TORCH_CHECK_VALUE(x.tensor == nullptr || x.tensor->device() == a.device(), x.name, " is on ",
-                      x.tensor->device(), " but a is on ", a.device(), "; every tensor must be on a's CUDA device");
+void check_devices(const Named& first, std::initializer_list<Named> others) {
+  const Tensor& x = *first.tensor;
+  TORCH_CHECK_VALUE(x.is_cuda(), first.name, " must be a CUDA tensor, got device ", x.device());
+  for (const Named& t : others) {
+    TORCH_CHECK_VALUE(t.tensor == nullptr || t.tensor->device() == x.device(), t.name, " is on ", t.tensor->device(),
+                      " but ", first.name, " is on ", x.device(), "; every tensor must be on ", first.name,
+                      "'s CUDA device");
   }
 }
 
@@ -158,15 +160,21 @@ pyclipfast::ScoreParams score_params(const Tensor& a, const Tensor& b, const Ten
 template <typename Params>
 using Launcher = cudaError_t (*)(const Params&, cudaStream_t);
 
-// Launch on a's device and current stream, with the launcher for the features' dtype.
+// Launch on x's device and current stream, with the launcher for the features' dtype.
+template <typename Params>
+void launch_for_dtype(const char* fn, const Tensor& x, DType dtype, const Params& p, Launcher<Params> f32,
+                      Launcher<Params> f16, Launcher<Params> bf16) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const Launcher<Params> f = dtype == DType::kFloat32 ? f32 : dtype == DType::kFloat16 ? f16 : bf16;
+  const cudaError_t err = f(p, stream);
+  TORCH_CHECK(err == cudaSuccess, "pyclipfast._C.", fn, ": kernel launch failed: ", cudaGetErrorString(err));
+}
+
 template <typename Params>
 void launch(const char* fn, const Tensor& a, const Params& p, Launcher<Params> f32, Launcher<Params> f16,
             Launcher<Params> bf16) {
-  const c10::cuda::CUDAGuard guard(a.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
-  const Launcher<Params> f = p.s.dtype == DType::kFloat32 ? f32 : p.s.dtype == DType::kFloat16 ? f16 : bf16;
-  const cudaError_t err = f(p, stream);
-  TORCH_CHECK(err == cudaSuccess, "pyclipfast._C.", fn, ": kernel launch failed: ", cudaGetErrorString(err));
+  launch_for_dtype(fn, a, p.s.dtype, p, f32, f16, bf16);
 }
 
 void clip_forward(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& row_ids,
@@ -190,9 +198,9 @@ void clip_forward(const Tensor& a, const Tensor& b, const Tensor& scale, const O
     check_f32(*col_sum, "col_sum", row_groups, m);
     check_f32(*col_pos, "col_pos", row_groups, m);
   }
-  check_devices(a, {{"b", b}, {"scale", scale}, {"row_ids", row_ids}, {"col_ids", col_ids}, {"row_max", row_max},
-                   {"row_sum", row_sum}, {"row_pos", row_pos}, {"col_max", col_max}, {"col_sum", col_sum},
-                   {"col_pos", col_pos}});
+  check_devices({"a", a}, {{"b", b}, {"scale", scale}, {"row_ids", row_ids}, {"col_ids", col_ids}, {"row_max", row_max},
+                          {"row_sum", row_sum}, {"row_pos", row_pos}, {"col_max", col_max}, {"col_sum", col_sum},
+                          {"col_pos", col_pos}});
 
   pyclipfast::ClipForwardParams p{};
   p.s = score_params(a, b, scale, dtype, tf32, row_ids ? PosMode::kIds : PosMode::kDiagonal, row_ids, col_ids);
@@ -232,9 +240,10 @@ void clip_grad(const Tensor& a, const Tensor& b, const Tensor& scale, const OptT
   const int64_t tiles = check_block(row0, row1, col0, col1, n, m);
   check_g_out(g_out, a, row1 - row0, col1 - col0);
   check_f32(dscale_part, "dscale_part", tiles);
-  check_devices(a, {{"b", b}, {"scale", scale}, {"row_ids", row_ids}, {"col_ids", col_ids}, {"row_lse", row_lse},
-                   {"col_lse", col_lse}, {"g_row", g_row}, {"g_col", g_col}, {"g_row_pos", g_row_pos},
-                   {"g_col_pos", g_col_pos}, {"inv_norm", inv_norm}, {"g_out", g_out}, {"dscale_part", dscale_part}});
+  check_devices({"a", a}, {{"b", b}, {"scale", scale}, {"row_ids", row_ids}, {"col_ids", col_ids},
+                          {"row_lse", row_lse}, {"col_lse", col_lse}, {"g_row", g_row}, {"g_col", g_col},
+                          {"g_row_pos", g_row_pos}, {"g_col_pos", g_col_pos}, {"inv_norm", inv_norm},
+                          {"g_out", g_out}, {"dscale_part", dscale_part}});
 
   pyclipfast::ClipGradParams p{};
   p.s = score_params(a, b, scale, dtype, tf32, row_ids ? PosMode::kIds : PosMode::kDiagonal, row_ids, col_ids);
@@ -271,9 +280,9 @@ void siglip(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTens
   check_f32(loss_part, "loss_part", tiles);
   check_f32(dscale_part, "dscale_part", tiles);
   check_f32(dbias_part, "dbias_part", tiles);
-  check_devices(a, {{"b", b}, {"scale", scale}, {"bias", bias}, {"row_ids", row_ids}, {"col_ids", col_ids},
-                   {"g_out", g_out}, {"loss_part", loss_part}, {"dscale_part", dscale_part},
-                   {"dbias_part", dbias_part}});
+  check_devices({"a", a}, {{"b", b}, {"scale", scale}, {"bias", bias}, {"row_ids", row_ids}, {"col_ids", col_ids},
+                          {"g_out", g_out}, {"loss_part", loss_part}, {"dscale_part", dscale_part},
+                          {"dbias_part", dbias_part}});
 
   const PosMode pos_mode = negative_only ? PosMode::kNone : row_ids ? PosMode::kIds : PosMode::kDiagonal;
   pyclipfast::SiglipParams p{};
@@ -291,6 +300,51 @@ void siglip(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTens
   p.col1 = col1;
   launch<pyclipfast::SiglipParams>("siglip", a, p, pyclipfast::siglip<DType::kFloat32>,
                                    pyclipfast::siglip<DType::kFloat16>, pyclipfast::siglip<DType::kBFloat16>);
+}
+
+// The gradient buffers of the cosine loss: contiguous (rows, dim) in the features' dtype.
+void check_grad_out(const OptTensor& g, const char* name, const Tensor& like) {
+  if (!g) return;
+  TORCH_CHECK_TYPE(g->scalar_type() == like.scalar_type(), name, " must have the features' dtype ",
+                   like.scalar_type(), ", got ", g->scalar_type());
+  TORCH_CHECK_VALUE(g->sizes() == like.sizes(), name, " must have shape ", like.sizes(), ", got ", g->sizes());
+  TORCH_CHECK_VALUE(g->is_contiguous(), name, " must be contiguous");
+}
+
+void cosine(const Tensor& online, const Tensor& target, const Tensor& cos, const OptTensor& d_online,
+            const OptTensor& d_target, double grad_scale, double eps) {
+  TORCH_CHECK_VALUE(online.dim() == 2 && online.size(0) > 0 && online.size(1) > 0,
+                    "online must be a non-empty 2-D (rows, dim) tensor, got shape ", online.sizes());
+  const DType dtype = feature_dtype(online, "online");
+  const int64_t n = online.size(0), d = online.size(1);
+  TORCH_CHECK_TYPE(target.scalar_type() == online.scalar_type(), "target has dtype ", target.scalar_type(),
+                   " but online has ", online.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(target.sizes() == online.sizes(), "target must have shape (", n, ", ", d,
+                    ") like online, got ", target.sizes());
+  check_f32(cos, "cos", n);
+  check_grad_out(d_online, "d_online", online);
+  check_grad_out(d_target, "d_target", online);
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  check_devices({"online", online}, {{"target", target}, {"cos", cos}, {"d_online", d_online},
+                                     {"d_target", d_target}});
+
+  pyclipfast::CosineParams p{};
+  p.online = online.data_ptr();
+  p.target = target.data_ptr();
+  p.n_rows = n;
+  p.dim = d;
+  p.stride_pm = online.stride(0);
+  p.stride_pk = online.stride(1);
+  p.stride_zm = target.stride(0);
+  p.stride_zk = target.stride(1);
+  p.dtype = dtype;
+  p.cos = cos.data_ptr<float>();
+  p.d_online = d_online ? d_online->data_ptr() : nullptr;
+  p.d_target = d_target ? d_target->data_ptr() : nullptr;
+  p.grad_scale = static_cast<float>(grad_scale);
+  p.eps = static_cast<float>(eps);
+  launch_for_dtype<pyclipfast::CosineParams>("cosine", online, dtype, p, pyclipfast::cosine<DType::kFloat32>,
+                                             pyclipfast::cosine<DType::kFloat16>, pyclipfast::cosine<DType::kBFloat16>);
 }
 
 }  // namespace
@@ -316,4 +370,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("bias"), py::arg("row_ids"), py::arg("col_ids"),
         py::arg("negative_only"), py::arg("g_out"), py::arg("loss_part"), py::arg("dscale_part"),
         py::arg("dbias_part"), py::arg("row0"), py::arg("row1"), py::arg("col0"), py::arg("col1"), py::arg("tf32"));
+  m.def("cosine", &cosine, "Cosine loss rows: cos_i and the gradients of grad_scale·Σ cos_i in one pass",
+        py::arg("online"), py::arg("target"), py::arg("cos"), py::arg("d_online"), py::arg("d_target"),
+        py::arg("grad_scale"), py::arg("eps"));
 }

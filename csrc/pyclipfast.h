@@ -79,6 +79,20 @@ struct SiglipParams {
   int64_t row0, row1, col0, col1;
 };
 
+// Cosine loss rows (SPEC §4): cos_i and, when wanted, the gradients of grad_scale·Σ_i cos_i.
+struct CosineParams {
+  const void* online;      // p, (n_rows × dim), any strides
+  const void* target;      // z, (n_rows × dim), any strides
+  int64_t n_rows, dim;
+  int64_t stride_pm, stride_pk, stride_zm, stride_zk;
+  DType dtype;
+  float* cos;              // n_rows
+  void* d_online;          // contiguous (n_rows × dim) in the input dtype, or nullptr
+  void* d_target;          // likewise
+  float grad_scale;
+  float eps;               // norms are clamped to at least eps (F.cosine_similarity)
+};
+
 inline int64_t cdiv(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
 // Tiles of a block, the length of its dscale/loss partial buffers.
@@ -91,5 +105,6 @@ inline int64_t block_tiles(int64_t row0, int64_t row1, int64_t col0, int64_t col
 template <DType D> cudaError_t clip_forward(const ClipForwardParams& p, cudaStream_t stream);
 template <DType D> cudaError_t clip_grad(const ClipGradParams& p, cudaStream_t stream);
 template <DType D> cudaError_t siglip(const SiglipParams& p, cudaStream_t stream);
+template <DType D> cudaError_t cosine(const CosineParams& p, cudaStream_t stream);
 
 }  // namespace pyclipfast
