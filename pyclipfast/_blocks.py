@@ -3,9 +3,9 @@
 `blocked_grads` turns gradient tiles written by a fused kernel into
 dA = G·B and dB = Gᵀ·A: G exists one block (rows × cols) at a time and the
 two products run as GEMMs (cuBLAS on the GPU), so a backward pass does the
-minimum 4·N·M·D FLOPs beyond the score recomputation. `merge_lse` combines
-per-group (max, sum-exp) partials from a split forward sweep, whose grid
-`split_groups` chooses.
+minimum 4·N·M·D FLOPs beyond the score recomputation. `merge_lse` and
+`merge_weighted` combine per-group (max, sum-exp[, exp-weighted sum]) partials
+from a split forward sweep, whose grid `split_groups` chooses.
 """
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
     """Combine (max, sum-exp) partials along dim 0 into log-sum-exp."""
     top = part_max.amax(0)
     return top + torch.log((part_sum * torch.exp(part_max - top)).sum(0))
+
+
+def merge_weighted(part_max: torch.Tensor, part_sum: torch.Tensor, part_weighted: torch.Tensor) -> torch.Tensor:
+    """Σ softmax(x)·y from per-group partials (max, Σ exp(x − max), Σ exp(x − max)·y) along dim 0."""
+    w = torch.exp(part_max - part_max.amax(0))
+    return (part_weighted * w).sum(0) / (part_sum * w).sum(0)
 
 
 def split_groups(n_row_blocks: int, n_col_blocks: int, max_row_groups: int, target_programs: int) -> tuple:
