@@ -46,12 +46,13 @@ if TYPE_CHECKING:
 _EPS = tl.constexpr(ANGLE_EPS)
 _PI = tl.constexpr(math.pi)
 
-# Forward partial statistics: index along dim 0 of the row / column partial buffers.
-Z_MAX, Z_SUM, Z_POS, U_MAX, U_SUM, V_MAX, V_SUM, V_CROSS = range(8)
-# KD constexpr: which row_cross the forward accumulates.
-KD_OFF, KD_KL, KD_CE = 0, 1, 2
-# Backward per-row / per-column vectors: index along dim 0 of the packed vector buffers.
-LSE, G_LSE, G_POS, STUDENT_LSE, G_STUDENT_LSE, TEACHER_LSE, G_CROSS = range(7)
+# Forward partial statistics, in this order along dim 0 of the row / column partial buffers.
+FORWARD_STATS = ("z_max", "z_sum", "z_pos", "u_max", "u_sum", "v_max", "v_sum", "v_cross")
+Z_MAX, Z_SUM, Z_POS, U_MAX, U_SUM, V_MAX, V_SUM, V_CROSS = (tl.constexpr(i) for i in range(len(FORWARD_STATS)))
+# Backward per-row / per-column vectors, in this order along dim 0 of the packed vector buffers.
+LSE, G_LSE, G_POS, STUDENT_LSE, G_STUDENT_LSE, TEACHER_LSE, G_CROSS = (tl.constexpr(i) for i in range(7))
+# The KD constexpr: which row_cross the forward accumulates.
+KD_CODES = {None: 0, "kl": 1, "ce": 2}
 
 
 @triton.jit
@@ -157,7 +158,7 @@ def _distill_fwd_kernel(
             if KD != 0:
                 u = tl.where(valid, c * scale, 0.0)
                 v = tl.where(valid, alpha * teacher_scale, 0.0)
-                w = u - v if KD == 1 else u  # KD_KL: Σ p·(U − V),  KD_CE: Σ p·U
+                w = u - v if KD == 1 else u  # kl: Σ p·(U − V),  ce: Σ p·U
                 u_inf = tl.where(valid, u, float("-inf"))
                 v_inf = tl.where(valid, v, float("-inf"))
                 u_max, u_sum, _, _ = online_lse(u_max, u_sum, u_inf, 1)
@@ -250,9 +251,8 @@ def _config(a: torch.Tensor):
 
 
 def _flags(row_ids, opts: "DistillOptions") -> dict:
-    kd = {None: KD_OFF, "kl": KD_KL, "ce": KD_CE}[opts.kd]
     return dict(POS_MODE=0 if row_ids is None else 1, MARGIN=opts.margin > 0, FILTER=opts.threshold is not None,
-                KD=kd)
+                KD=KD_CODES[opts.kd])
 
 
 def _scales(scale: torch.Tensor, teacher_scale: torch.Tensor) -> torch.Tensor:
@@ -277,11 +277,12 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     cfg = _config(a)
     row_groups, col_groups, rb_per, cb_per = split_groups(triton.cdiv(n, cfg.block_m), triton.cdiv(m, cfg.block_n), a)
     kd = opts.kd is not None
-    stats = V_CROSS + 1 if kd else Z_POS + 1
+    names = FORWARD_STATS if kd else FORWARD_STATS[:3]
     f32 = dict(dtype=torch.float32, device=a.device)
-    row_part = torch.empty(stats, col_groups, n, **f32)
-    col_part = torch.zeros(stats, row_groups, m, **f32)
-    col_part[[Z_MAX, U_MAX, V_MAX] if kd else [Z_MAX]] = float("-inf")
+    row_part = torch.empty(len(names), col_groups, n, **f32)
+    # running maxima start at −∞, sums at 0
+    col_start = torch.tensor([float("-inf") if k.endswith("_max") else 0.0 for k in names], **f32)
+    col_part = col_start[:, None, None].repeat(1, row_groups, m)
     (margin, threshold), shapes = _kernel_args(a, b, ta, tb, opts)
     _distill_fwd_kernel[(row_groups, col_groups)](
         a, b, ta, tb, _scales(scale, teacher_scale), ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a),
@@ -291,12 +292,13 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     )
     out = {}
     for side, part in (("row", row_part), ("col", col_part)):
-        out[f"{side}_lse"] = merge_lse(part[Z_MAX], part[Z_SUM])
-        out[f"{side}_pos"] = part[Z_POS].sum(0)
+        p = dict(zip(names, part))
+        out[f"{side}_lse"] = merge_lse(p["z_max"], p["z_sum"])
+        out[f"{side}_pos"] = p["z_pos"].sum(0)
         if kd:
-            out[f"student_{side}_lse"] = merge_lse(part[U_MAX], part[U_SUM])
-            out[f"teacher_{side}_lse"] = merge_lse(part[V_MAX], part[V_SUM])
-            out[f"{side}_cross"] = merge_weighted(part[V_MAX], part[V_SUM], part[V_CROSS])
+            out[f"student_{side}_lse"] = merge_lse(p["u_max"], p["u_sum"])
+            out[f"teacher_{side}_lse"] = merge_lse(p["v_max"], p["v_sum"])
+            out[f"{side}_cross"] = merge_weighted(p["v_max"], p["v_sum"], p["v_cross"])
     return out
 
 
