@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._blocks import merge_weighted
 from ..reference import ANGLE_EPS
 from ._tiles import (
     blocked_grads, dot_precision, ids_or_dummy, merge_lse, online_lse, positive_tile, score_tile, split_groups,
@@ -264,12 +265,6 @@ def _kernel_args(a, b, ta, tb, opts: "DistillOptions"):
     return (opts.margin, threshold), (
         a.shape[1], ta.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         ta.stride(0), ta.stride(1), tb.stride(0), tb.stride(1))
-
-
-def merge_weighted(part_max: torch.Tensor, part_sum: torch.Tensor, part_weighted: torch.Tensor) -> torch.Tensor:
-    """Σ softmax(x)·y from per-group partials (max, Σ exp(x − max), Σ exp(x − max)·y) along dim 0."""
-    w = torch.exp(part_max - part_max.amax(0))
-    return (part_weighted * w).sum(0) / (part_sum * w).sum(0)
 
 
 def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: "DistillOptions") -> Dict:
