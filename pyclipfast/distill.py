@@ -31,7 +31,8 @@ that of row_cross is p. The log-sum-exps come from online (max, Σ exp) merges,
 row_cross from the teacher's exp-weighted sum, rescaled with the teacher's
 running max (the flash-attention update).
 
-The margin needs no arccos. With θ ∈ [0, π] and sin θ = √((1 − c)(1 + c)) ≥ 0:
+The margin needs no arccos in a kernel (the chunked backend, which pays per
+whole-tile op, takes arccos: fewer ops). With θ ∈ [0, π] and sin θ = √((1 − c)(1 + c)) ≥ 0:
 
     θ > μ  ⇔  μ < 0, or μ < π and c < cos μ
     ψ  = cos(θ − μ) = c·cos μ + sin θ·sin μ                 where θ > μ, else 1
