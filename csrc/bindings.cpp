@@ -6,6 +6,7 @@
 // so every check can be exercised without a GPU), fills the plain parameter
 // structs of pyclipfast.h and calls the launcher on the current stream.
 // Output buffers are allocated by the Python launchers (pyclipfast/cuda/*.py).
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 
@@ -302,6 +303,141 @@ void siglip(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTens
                                    pyclipfast::siglip<DType::kFloat16>, pyclipfast::siglip<DType::kBFloat16>);
 }
 
+// A contiguous float32 tensor of shape (d0, d1, d2).
+void check_f32(const Tensor& t, const char* name, int64_t d0, int64_t d1, int64_t d2) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == d0 && t.size(1) == d1 && t.size(2) == d2, name,
+                    " must have shape (", d0, ", ", d1, ", ", d2, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// The teacher of distill: ta (N × Dt) and tb (M × Dt) in a's dtype and its scale, needed for a
+// margin, a filter or KD; returns the teacher part of the kernel parameters.
+pyclipfast::DistillTeacher check_teacher(const OptTensor& ta, const OptTensor& tb, const OptTensor& teacher_scale,
+                                         const Tensor& a, const Tensor& b, bool needed) {
+  pyclipfast::DistillTeacher t{};
+  TORCH_CHECK_VALUE(ta.has_value() == tb.has_value() && ta.has_value() == teacher_scale.has_value(),
+                    "ta, tb and teacher_scale must be given together or not at all");
+  TORCH_CHECK_VALUE(ta || !needed, "ta, tb and teacher_scale (the teacher) are needed for a margin, a filter or kd");
+  if (!ta) return t;
+  for (const auto* x : {&*ta, &*tb}) {
+    const char* name = x == &*ta ? "ta" : "tb";
+    const int64_t rows = x == &*ta ? a.size(0) : b.size(0);
+    TORCH_CHECK_VALUE(x->dim() == 2 && x->size(0) == rows && x->size(1) > 0, name, " must have shape (", rows,
+                      ", teacher_dim), got ", x->sizes());
+    TORCH_CHECK_TYPE(x->scalar_type() == a.scalar_type(), name, " has dtype ", x->scalar_type(), " but a has ",
+                     a.scalar_type(), "; they must match");
+  }
+  TORCH_CHECK_VALUE(tb->size(1) == ta->size(1), "tb has feature dimension ", tb->size(1), " but ta has ",
+                    ta->size(1), "; they must match");
+  check_f32(*teacher_scale, "teacher_scale", 1);
+  t.ta = ta->data_ptr();
+  t.tb = tb->data_ptr();
+  t.dim = ta->size(1);
+  t.stride_am = ta->stride(0);
+  t.stride_ak = ta->stride(1);
+  t.stride_bn = tb->stride(0);
+  t.stride_bk = tb->stride(1);
+  t.scale = teacher_scale->data_ptr<float>();
+  return t;
+}
+
+pyclipfast::DistillOptions distill_options(double margin, std::optional<double> threshold, int64_t kd,
+                                           double angle_eps) {
+  TORCH_CHECK_VALUE(margin >= 0 && std::isfinite(margin), "margin must be a finite number >= 0, got ", margin);
+  TORCH_CHECK_VALUE(!threshold || std::isfinite(*threshold), "threshold must be finite, got ", *threshold);
+  TORCH_CHECK_VALUE(kd >= 0 && kd <= 2, "kd must be 0 (off), 1 (kl) or 2 (ce), got ", kd);
+  TORCH_CHECK_VALUE(angle_eps > 0 && angle_eps < 0.5, "angle_eps must be in (0, 0.5), got ", angle_eps);
+  pyclipfast::DistillOptions o{};
+  o.margin = static_cast<float>(margin);
+  o.filter = threshold.has_value();
+  o.threshold = threshold ? static_cast<float>(*threshold) : 0.0f;
+  o.kd = static_cast<pyclipfast::Kd>(kd);
+  o.angle_eps = static_cast<float>(angle_eps);
+  return o;
+}
+
+bool needs_teacher(const pyclipfast::DistillOptions& o) {
+  return o.margin > 0 || o.filter || o.kd != pyclipfast::Kd::kOff;
+}
+
+void distill_forward(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& ta, const OptTensor& tb,
+                     const OptTensor& teacher_scale, const OptTensor& row_ids, const OptTensor& col_ids,
+                     const Tensor& row_part, const Tensor& col_part, int64_t row_groups, int64_t col_groups,
+                     int64_t row_blocks_per_group, int64_t col_blocks_per_group, double margin,
+                     std::optional<double> threshold, int64_t kd, double angle_eps, bool tf32) {
+  const DType dtype = check_features(a, b);
+  const int64_t n = a.size(0), m = b.size(0);
+  check_f32(scale, "scale", 1);
+  const pyclipfast::DistillOptions o = distill_options(margin, threshold, kd, angle_eps);
+  const pyclipfast::DistillTeacher t = check_teacher(ta, tb, teacher_scale, a, b, needs_teacher(o));
+  check_ids(row_ids, col_ids, n, m);
+  check_groups("row", row_groups, row_blocks_per_group, pyclipfast::cdiv(n, pyclipfast::kBlockM), INT32_MAX);
+  check_groups("col", col_groups, col_blocks_per_group, pyclipfast::cdiv(m, pyclipfast::kBlockN), 65535);
+  const int64_t stats = o.kd != pyclipfast::Kd::kOff ? pyclipfast::kDistillStats : pyclipfast::kZPos + 1;
+  check_f32(row_part, "row_part", stats, col_groups, n);
+  check_f32(col_part, "col_part", stats, row_groups, m);
+  check_devices({"a", a}, {{"b", b}, {"scale", scale}, {"ta", ta}, {"tb", tb}, {"teacher_scale", teacher_scale},
+                          {"row_ids", row_ids}, {"col_ids", col_ids}, {"row_part", row_part},
+                          {"col_part", col_part}});
+
+  pyclipfast::DistillForwardParams p{};
+  p.s = score_params(a, b, scale, dtype, tf32, row_ids ? PosMode::kIds : PosMode::kDiagonal, row_ids, col_ids);
+  p.t = needs_teacher(o) ? t : pyclipfast::DistillTeacher{};
+  p.o = o;
+  p.row_part = row_part.data_ptr<float>();
+  p.col_part = col_part.data_ptr<float>();
+  p.row_groups = static_cast<int>(row_groups);
+  p.col_groups = static_cast<int>(col_groups);
+  p.row_blocks_per_group = static_cast<int>(row_blocks_per_group);
+  p.col_blocks_per_group = static_cast<int>(col_blocks_per_group);
+  launch<pyclipfast::DistillForwardParams>("distill_forward", a, p, pyclipfast::distill_forward<DType::kFloat32>,
+                                           pyclipfast::distill_forward<DType::kFloat16>,
+                                           pyclipfast::distill_forward<DType::kBFloat16>);
+}
+
+void distill_grad(const Tensor& a, const Tensor& b, const Tensor& scale, const OptTensor& ta, const OptTensor& tb,
+                  const OptTensor& teacher_scale, const OptTensor& row_ids, const OptTensor& col_ids,
+                  const Tensor& row_vec, const Tensor& col_vec, const Tensor& inv_norm, const OptTensor& g_out,
+                  const Tensor& dscale_part, int64_t row0, int64_t row1, int64_t col0, int64_t col1, double margin,
+                  std::optional<double> threshold, int64_t kd, double angle_eps, bool tf32) {
+  const DType dtype = check_features(a, b);
+  const int64_t n = a.size(0), m = b.size(0);
+  check_f32(scale, "scale", 1);
+  const pyclipfast::DistillOptions o = distill_options(margin, threshold, kd, angle_eps);
+  const pyclipfast::DistillTeacher t = check_teacher(ta, tb, teacher_scale, a, b, needs_teacher(o));
+  check_ids(row_ids, col_ids, n, m);
+  const int64_t vectors = o.kd != pyclipfast::Kd::kOff ? pyclipfast::kDistillVectors : pyclipfast::kGPos + 1;
+  check_f32(row_vec, "row_vec", vectors, n);
+  check_f32(col_vec, "col_vec", vectors, m);
+  check_f32(inv_norm, "inv_norm", 1);
+  const int64_t tiles = check_block(row0, row1, col0, col1, n, m);
+  check_g_out(g_out, a, row1 - row0, col1 - col0);
+  check_f32(dscale_part, "dscale_part", tiles);
+  check_devices({"a", a}, {{"b", b}, {"scale", scale}, {"ta", ta}, {"tb", tb}, {"teacher_scale", teacher_scale},
+                          {"row_ids", row_ids}, {"col_ids", col_ids}, {"row_vec", row_vec}, {"col_vec", col_vec},
+                          {"inv_norm", inv_norm}, {"g_out", g_out}, {"dscale_part", dscale_part}});
+
+  pyclipfast::DistillGradParams p{};
+  p.s = score_params(a, b, scale, dtype, tf32, row_ids ? PosMode::kIds : PosMode::kDiagonal, row_ids, col_ids);
+  p.t = needs_teacher(o) ? t : pyclipfast::DistillTeacher{};
+  p.o = o;
+  p.row_vec = row_vec.data_ptr<float>();
+  p.col_vec = col_vec.data_ptr<float>();
+  p.inv_norm = inv_norm.data_ptr<float>();
+  p.g_out = g_out ? g_out->data_ptr() : nullptr;
+  p.stride_gm = g_out ? g_out->stride(0) : 0;
+  p.stride_gn = g_out ? g_out->stride(1) : 0;
+  p.dscale_part = dscale_part.data_ptr<float>();
+  p.row0 = row0;
+  p.row1 = row1;
+  p.col0 = col0;
+  p.col1 = col1;
+  launch<pyclipfast::DistillGradParams>("distill_grad", a, p, pyclipfast::distill_grad<DType::kFloat32>,
+                                        pyclipfast::distill_grad<DType::kFloat16>,
+                                        pyclipfast::distill_grad<DType::kBFloat16>);
+}
+
 // The gradient buffers of the cosine loss: contiguous (rows, dim) in the features' dtype.
 void check_grad_out(const OptTensor& g, const char* name, const Tensor& like) {
   if (!g) return;
@@ -373,4 +509,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cosine", &cosine, "Cosine loss rows: cos_i and the gradients of grad_scale·Σ cos_i in one pass",
         py::arg("online"), py::arg("target"), py::arg("cos"), py::arg("d_online"), py::arg("d_target"),
         py::arg("grad_scale"), py::arg("eps"));
+  m.def("distill_forward", &distill_forward,
+        "Distillation forward sweep: per-group statistics of Z, U and V along rows and columns (see csrc/distill/)",
+        py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("ta"), py::arg("tb"), py::arg("teacher_scale"),
+        py::arg("row_ids"), py::arg("col_ids"), py::arg("row_part"), py::arg("col_part"), py::arg("row_groups"),
+        py::arg("col_groups"), py::arg("row_blocks_per_group"), py::arg("col_blocks_per_group"), py::arg("margin"),
+        py::arg("threshold"), py::arg("kd"), py::arg("angle_eps"), py::arg("tf32"));
+  m.def("distill_grad", &distill_grad, "Distillation gradient tiles H·inv_norm of one block and dscale partials",
+        py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("ta"), py::arg("tb"), py::arg("teacher_scale"),
+        py::arg("row_ids"), py::arg("col_ids"), py::arg("row_vec"), py::arg("col_vec"), py::arg("inv_norm"),
+        py::arg("g_out"), py::arg("dscale_part"), py::arg("row0"), py::arg("row1"), py::arg("col0"), py::arg("col1"),
+        py::arg("margin"), py::arg("threshold"), py::arg("kd"), py::arg("angle_eps"), py::arg("tf32"));
 }

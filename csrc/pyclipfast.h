@@ -79,6 +79,53 @@ struct SiglipParams {
   int64_t row0, row1, col0, col1;
 };
 
+// Distillation with adaptive angular margin (SPEC §3): the teacher's side and the options.
+struct DistillTeacher {
+  const void* ta;          // Tᵃ (n_rows × dim), the student's dtype, any strides; nullptr: no teacher needed
+  const void* tb;          // Tᵇ (n_cols × dim)
+  int64_t dim;
+  int64_t stride_am, stride_ak, stride_bn, stride_bk;
+  const float* scale;      // device scalar t
+};
+
+enum class Kd : int { kOff = 0, kKl = 1, kCe = 2 };
+
+struct DistillOptions {
+  float margin;            // m ≥ 0; 0: ψ = c
+  bool filter;             // drop negatives with α > threshold from the InfoNCE denominators
+  float threshold;
+  Kd kd;                   // which row/column cross term the forward accumulates
+  float angle_eps;         // ε of the clamp c ∈ [−1+ε, 1−ε] (reference.ANGLE_EPS)
+};
+
+// Forward statistics, indices along dim 0 of the partial buffers (the first three without KD).
+enum DistillStat : int { kZMax, kZSum, kZPos, kUMax, kUSum, kVMax, kVSum, kVCross, kDistillStats };
+// Backward per-row / per-column vectors, indices along dim 0 (the first three without KD).
+enum DistillVector : int { kLse, kGLse, kGPos, kStudentLse, kGStudentLse, kTeacherLse, kGCross, kDistillVectors };
+
+struct DistillForwardParams {
+  ScoreParams s;
+  DistillTeacher t;
+  DistillOptions o;
+  float* row_part;         // [stats, col_groups, n_rows]
+  float* col_part;         // [stats, row_groups, n_cols]; the Z_MAX/U_MAX/V_MAX slots start at −inf, others 0
+  int row_groups, col_groups;
+  int row_blocks_per_group, col_blocks_per_group;
+};
+
+struct DistillGradParams {
+  ScoreParams s;
+  DistillTeacher t;
+  DistillOptions o;
+  const float* row_vec;    // [vectors, n_rows]
+  const float* col_vec;    // [vectors, n_cols]
+  const float* inv_norm;   // device scalar: H is stored multiplied by it
+  void* g_out;             // (row1-row0) × (col1-col0), the input dtype; nullptr: not stored
+  int64_t stride_gm, stride_gn;
+  float* dscale_part;      // one per tile
+  int64_t row0, row1, col0, col1;
+};
+
 // Cosine loss rows (SPEC §4): cos_i and, when wanted, the gradients of grad_scale·Σ_i cos_i.
 struct CosineParams {
   const void* online;      // p, (n_rows × dim), any strides
@@ -106,5 +153,7 @@ template <DType D> cudaError_t clip_forward(const ClipForwardParams& p, cudaStre
 template <DType D> cudaError_t clip_grad(const ClipGradParams& p, cudaStream_t stream);
 template <DType D> cudaError_t siglip(const SiglipParams& p, cudaStream_t stream);
 template <DType D> cudaError_t cosine(const CosineParams& p, cudaStream_t stream);
+template <DType D> cudaError_t distill_forward(const DistillForwardParams& p, cudaStream_t stream);
+template <DType D> cudaError_t distill_grad(const DistillGradParams& p, cudaStream_t stream);
 
 }  // namespace pyclipfast

@@ -3,8 +3,8 @@
 //     acc_ij = ⟨A_i, B_j⟩   (fp32 accumulation; rows/columns past the end read as zeros)
 //
 // Every fused loss kernel is "score tile + an epilogue": `score_tile` leaves the
-// unscaled fp32 tile in TileSmem::s (visible to the whole block), and the loss's
-// kernel adds only what it does with it. Three ways to multiply, chosen at compile
+// unscaled fp32 tile in shared memory (TileSmem::s, or another ScoreTile), visible
+// to the whole block, and the loss's kernel adds only what it does with it. Three ways to multiply, chosen at compile
 // time: WMMA tensor cores for fp16/bf16 (m16n16k16, fp32 accumulate), TF32 WMMA
 // for fp32 when torch.backends.cuda.matmul.allow_tf32 is set (m16n16k8), and IEEE
 // fp32 FMA otherwise. D need not be a multiple of anything: the K tail is zero-padded
@@ -59,13 +59,16 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // keeps rows 16-byte aligned, WMMA's ldm legal and the FMA reads conflict-free).
 template <typename T> constexpr int kVec = 16 / sizeof(T);
 
+constexpr int kLds = BN + 4;  // leading dimension of a score tile (WMMA: a multiple of 4 floats)
+using ScoreTile = float[BM][kLds];
+using ScoreRows = float (*)[kLds];
+
 template <typename T>
 struct TileSmem {
   static constexpr int kLd = BK + kVec<T>;   // leading dimension of a and b
-  static constexpr int kLds = BN + 4;        // leading dimension of s
   alignas(128) T a[BM][kLd];                 // A rows of this tile, BK deep
   alignas(128) T b[BN][kLd];                 // B rows of this tile, BK deep
-  alignas(128) float s[BM][kLds];            // the score tile acc_ij
+  alignas(128) ScoreTile s;                  // the score tile acc_ij
 };
 
 // ---------------------------------------------------------------- operands
@@ -139,12 +142,12 @@ struct FmaTile {
     }
   }
 
-  __device__ __forceinline__ void store(TileSmem<float>& sm) const {
+  __device__ __forceinline__ void store(ScoreRows out) const {
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
 #pragma unroll
     for (int i = 0; i < kRows; ++i)
 #pragma unroll
-      for (int j = 0; j < kCols; ++j) sm.s[ty + kTy * i][tx + 8 * j] = acc[i][j];
+      for (int j = 0; j < kCols; ++j) out[ty + kTy * i][tx + 8 * j] = acc[i][j];
   }
 };
 
@@ -204,25 +207,25 @@ struct WmmaTile {
     }
   }
 
-  __device__ __forceinline__ void store(TileSmem<T>& sm) const {
+  __device__ __forceinline__ void store(ScoreRows out) const {
 #pragma unroll
     for (int i = 0; i < kFm; ++i)
 #pragma unroll
       for (int j = 0; j < kFn; ++j)
-        nvcuda::wmma::store_matrix_sync(&sm.s[warp_row() + 16 * i][warp_col() + 16 * j], acc[i][j],
-                                        TileSmem<T>::kLds, nvcuda::wmma::mem_row_major);
+        nvcuda::wmma::store_matrix_sync(&out[warp_row() + 16 * i][warp_col() + 16 * j], acc[i][j], kLds,
+                                        nvcuda::wmma::mem_row_major);
   }
 };
 
 template <typename T, Mma M>
 using TileMma = typename std::conditional<M == Mma::kFma, FmaTile, WmmaTile<T>>::type;
 
-// sm.s[r][c] = ⟨A[row0 + r], B[col0 + c]⟩ for the whole block (rows ≥ row_end or
-// columns ≥ col_end give 0). Starts and ends with a barrier, so the caller's
-// previous epilogue may still be reading sm.s when it is called and the new tile
-// is visible to every thread when it returns.
+// out[r][c] = ⟨A[row0 + r], B[col0 + c]⟩ for the whole block (rows ≥ row_end or
+// columns ≥ col_end give 0); sm.a and sm.b are the staging buffers. Starts and ends
+// with a barrier, so the caller's previous epilogue may still be reading `out` when
+// it is called, and the new tile is visible to every thread when it returns.
 template <typename T, Mma M>
-__device__ __forceinline__ void score_tile(TileSmem<T>& sm, const Operand<T>& a, const Operand<T>& b,
+__device__ __forceinline__ void score_tile(TileSmem<T>& sm, ScoreRows out, const Operand<T>& a, const Operand<T>& b,
                                            int64_t row0, int64_t row_end, int64_t col0, int64_t col_end,
                                            int64_t dim) {
   static_assert(M != Mma::kFma || std::is_same<T, float>::value, "the FMA path is for float32");
@@ -237,7 +240,7 @@ __device__ __forceinline__ void score_tile(TileSmem<T>& sm, const Operand<T>& a,
     __syncthreads();
     mma.step(sm);
   }
-  mma.store(sm);
+  mma.store(out);
   __syncthreads();
 }
 

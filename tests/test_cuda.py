@@ -64,11 +64,11 @@ def test_extension_is_built_when_nvcc_and_cuda_torch_are_present():
         pytest.fail(f"nvcc ({_nvcc()}) and torch {torch.__version__} (CUDA {torch.version.cuda}) are present but "
                     f"pyclipfast._C does not import: {err}. Build it with: CUDA_HOME=/usr/local/cuda-13.0 "
                     "TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .")
-    for fn in ("clip_forward", "clip_grad", "siglip", "cosine"):
+    for fn in ("clip_forward", "clip_grad", "siglip", "cosine", "distill_forward", "distill_grad"):
         assert callable(getattr(_C, fn)), fn
     assert (_C.BLOCK_M, _C.BLOCK_N) == (64, 64)
     assert cuda_extension_available()
-    for loss in ("clip", "siglip", "cosine"):
+    for loss in ("clip", "siglip", "cosine", "distill"):
         importlib.import_module(f"pyclipfast.cuda.{loss}")
 
 
@@ -110,12 +110,21 @@ def _valid(fn):
     if fn == "siglip":
         return dict(common, bias=torch.zeros(1), negative_only=False, g_out=f(N, M), loss_part=f(2),
                     dscale_part=f(2), dbias_part=f(2), **block)
+    options = dict(ta=None, tb=None, teacher_scale=None, margin=0.0, threshold=None, kd=0, angle_eps=1e-6)
+    if fn == "distill_forward":
+        return dict(common, **options, row_part=f(3, 1, N), col_part=f(3, 2, M), row_groups=2, col_groups=1,
+                    row_blocks_per_group=1, col_blocks_per_group=1)
+    if fn == "distill_grad":
+        return dict(common, **options, row_vec=f(3, N), col_vec=f(3, M), inv_norm=torch.ones(1), g_out=f(N, M),
+                    dscale_part=f(2), **block)
     assert fn == "cosine"
     return dict(online=torch.randn(N, D), target=torch.randn(N, D), cos=f(N), d_online=f(N, D), d_target=f(N, D),
                 grad_scale=1.0, eps=1e-8)
 
 
 _f = torch.zeros
+TEACHER = dict(ta=torch.randn(N, 5), tb=torch.randn(M, 5), teacher_scale=torch.ones(1))
+KD_PARTS = dict(row_part=_f(8, 1, N), col_part=_f(8, 2, M))
 BAD_ARGUMENTS = [
     # function, overrides, exception, message
     ("clip_forward", dict(a=torch.randn(N, D, dtype=torch.float64)), TypeError, "a must be float32, float16 or bfloat16"),
@@ -159,6 +168,24 @@ BAD_ARGUMENTS = [
     ("cosine", dict(d_online=_f(N, D).half()), TypeError, "d_online must have the features' dtype"),
     ("cosine", dict(d_target=_f(D, N).t()), ValueError, "d_target must be contiguous"),
     ("cosine", dict(eps=0.0), ValueError, "eps must be > 0"),
+    ("distill_forward", dict(margin=0.1), ValueError, "the teacher\\) are needed for a margin, a filter or kd"),
+    ("distill_forward", dict(kd=1, **KD_PARTS), ValueError, "the teacher\\) are needed"),
+    ("distill_forward", dict(TEACHER, teacher_scale=None), ValueError, "must be given together or not at all"),
+    ("distill_forward", dict(TEACHER, tb=torch.randn(M, 6)), ValueError, "tb has feature dimension 6 but ta has 5"),
+    ("distill_forward", dict(TEACHER, ta=torch.randn(N, 5).half()), TypeError, "ta has dtype Half but a has Float"),
+    ("distill_forward", dict(TEACHER, ta=torch.randn(N + 1, 5)), ValueError, r"ta must have shape \(70, teacher_dim\)"),
+    ("distill_forward", dict(TEACHER, teacher_scale=torch.ones(2)), ValueError, "teacher_scale must be a vector of 1"),
+    ("distill_forward", dict(margin=-0.1), ValueError, "margin must be a finite number >= 0"),
+    ("distill_forward", dict(kd=3), ValueError, r"kd must be 0 \(off\), 1 \(kl\) or 2 \(ce\)"),
+    ("distill_forward", dict(threshold=float("nan")), ValueError, "threshold must be finite"),
+    ("distill_forward", dict(angle_eps=0.0), ValueError, "angle_eps must be in"),
+    ("distill_forward", dict(row_part=_f(8, 1, N)), ValueError, r"row_part must have shape \(3, 1, 70\)"),
+    ("distill_forward", dict(TEACHER, kd=1), ValueError, r"row_part must have shape \(8, 1, 70\)"),
+    ("distill_forward", dict(TEACHER, kd=2, row_part=_f(8, 1, N)), ValueError, r"col_part must have shape \(8, 2, 7\)"),
+    ("distill_grad", dict(row_vec=_f(7, N)), ValueError, r"row_vec must have shape \(3, 70\)"),
+    ("distill_grad", dict(TEACHER, kd=1), ValueError, r"row_vec must have shape \(7, 70\)"),
+    ("distill_grad", dict(col0=7, col1=8), ValueError, r"columns \[col0, col1\)"),
+    ("distill_grad", dict(g_out=_f(N, M, dtype=torch.bfloat16)), TypeError, "g_out must have the features' dtype"),
     # every metadata check passes: only the device is wrong
     ("clip_forward", {}, ValueError, "a must be a CUDA tensor, got device cpu"),
     ("clip_forward", dict(col_max=None, col_sum=None, col_pos=None), ValueError, "a must be a CUDA tensor"),
@@ -166,6 +193,12 @@ BAD_ARGUMENTS = [
     ("clip_grad", dict(g_out=None, g_row=None, row_lse=None), ValueError, "a must be a CUDA tensor"),
     ("siglip", {}, ValueError, "a must be a CUDA tensor, got device cpu"),
     ("siglip", dict(bias=None, g_out=None, negative_only=True), ValueError, "a must be a CUDA tensor"),
+    ("distill_forward", {}, ValueError, "a must be a CUDA tensor, got device cpu"),
+    ("distill_forward", dict(TEACHER, kd=1, margin=0.3, threshold=0.1, **KD_PARTS), ValueError,
+     "a must be a CUDA tensor"),
+    ("distill_grad", {}, ValueError, "a must be a CUDA tensor, got device cpu"),
+    ("distill_grad", dict(TEACHER, kd=2, row_vec=_f(7, N), col_vec=_f(7, M), g_out=None), ValueError,
+     "a must be a CUDA tensor"),
     ("cosine", {}, ValueError, "online must be a CUDA tensor, got device cpu"),
     ("cosine", dict(d_online=None, d_target=None), ValueError, "online must be a CUDA tensor"),
 ]
@@ -180,7 +213,7 @@ def test_binding_rejects_bad_arguments(C, fn, overrides, exc, message):
 
 
 @needs_gpu
-@pytest.mark.parametrize("fn", ["clip_forward", "clip_grad", "siglip", "cosine"])
+@pytest.mark.parametrize("fn", ["clip_forward", "clip_grad", "siglip", "cosine", "distill_forward", "distill_grad"])
 def test_binding_rejects_tensors_on_another_device(C, fn):
     kwargs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in _valid(fn).items()}
     first, second = ("online", "target") if fn == "cosine" else ("a", "scale")
@@ -417,3 +450,53 @@ def test_cosine_stop_gradient_target_gets_no_gradient_buffer():
     ref_p = as_reference(p)[0]
     pcf.cosine_loss(ref_p, z.double().cpu(), backend="reference").backward()
     assert_close_to_reference([p.grad], [ref_p.grad], torch.float32, ["d_online"])
+
+
+# id, options of distill_loss: margin, filter, KD kind and weight (kd_weight=0: the teacher is never read)
+DISTILL_OPTIONS = [
+    ("m0.3-kl", dict(margin=0.3)),
+    ("m0.3-filter-kl", dict(margin=0.3, false_negative_threshold=0.05)),
+    ("filter-ce-kd2", dict(false_negative_threshold=0.0, kd="ce", kd_weight=2.0)),
+    ("m0.1-kd0", dict(margin=0.1, kd_weight=0.0)),
+    ("plain-kd0", dict(kd_weight=0.0)),
+]
+# id, N, M, D, Dt, scale, layout, ids
+DISTILL_SHAPES = [
+    ("N1-D8-Dt6", 1, 1, 8, 6, 10.0, "contiguous", False),
+    ("N97-D33-Dt20", 97, 97, 33, 20, 20.0, "contiguous", False),
+    ("N130-D100-Dt72-misaligned", 130, 130, 100, 72, 10.0, "misaligned", False),
+    ("N150xM201-D40-Dt24-ids", 150, 201, 40, 24, 14.3, "contiguous", True),
+]
+
+
+def _distill_run(backend, a, b, ta, tb, scale, teacher_scale, **kw):
+    a, b, scale = leaves(a, b, scale)
+    contrastive, distill = pcf.distill_loss(a, b, ta, tb, scale, teacher_scale, backend=backend, **kw)
+    return [contrastive, distill, *torch.autograd.grad(contrastive + distill, (a, b, scale))]
+
+
+@needs_gpu
+@pytest.mark.parametrize("options", DISTILL_OPTIONS, ids=[o[0] for o in DISTILL_OPTIONS])
+@pytest.mark.parametrize("shape", DISTILL_SHAPES, ids=[s[0] for s in DISTILL_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distill_matches_float64_reference(small_blocks, dtype, shape, options):
+    _, n, m, d, dt, s, layout, with_ids = shape
+    seed = torch.seed() % 2**31
+    a, b = _pair(n, m, d, dtype, seed, layout)
+    ta, tb = _pair(n, m, dt, dtype, seed + 2, layout)
+    scale, teacher_scale = torch.tensor(s, device=DEVICE), torch.tensor(1.5 * s, device=DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    ids = {}
+    if with_ids:
+        image = torch.randint(0, max(1, (2 * n) // 3), (n,), generator=g)
+        text = torch.cat([image, image[torch.randint(0, n, (m - n,), generator=g)]])[torch.randperm(m, generator=g)]
+        ids = dict(image_ids=image.to(DEVICE), text_ids=text.to(DEVICE))
+    kw = dict(options[1], **ids)
+    out = _distill_run("cuda", a, b, ta, tb, scale, teacher_scale, **kw)
+    ref = _distill_run("reference", *as_reference(a, b, ta, tb, scale, teacher_scale), **_to_reference(kw))
+    assert out[2].dtype == dtype and out[3].dtype == dtype
+    names = ["contrastive", "distill", "d_image", "d_text", "d_scale"]
+    if options[1].get("kd_weight") == 0.0:
+        assert float(out[1]) == 0.0
+        out, ref, names = out[:1] + out[2:], ref[:1] + ref[2:], names[:1] + names[2:]
+    assert_close_to_reference(out, ref, dtype, names)

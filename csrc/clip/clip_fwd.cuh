@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) clip_fwd_kernel(const ClipForwardPar
     }
     for (int64_t cb = cb_lo; cb < cb_hi; ++cb) {
       const int64_t col0 = cb * BN;
-      score_tile<T, M>(sm, a, b, row0, s.n_rows, col0, s.n_cols, s.dim);
+      score_tile<T, M>(sm, sm.s, a, b, row0, s.n_rows, col0, s.n_cols, s.dim);
       row_pass(sm, st, pos, scale, row0, s.n_rows, col0, s.n_cols);
       if (bidirectional) col_pass(sm, scratch, p, pos, scale, row0, col0, col_part);
     }

@@ -41,8 +41,9 @@ __global__ void __launch_bounds__(kThreads) clip_grad_kernel(const ClipGradParam
   const int64_t col_tiles = ceil_div(p.col1 - p.col0, BN);
   const int64_t row0 = p.row0 + tile / col_tiles * BM;
   const int64_t col0 = p.col0 + tile % col_tiles * BN;
-  score_tile<T, M>(sm, make_operand<T>(s.a, s.stride_am, s.stride_ak), make_operand<T>(s.b, s.stride_bn, s.stride_bk),
-                   row0, p.row1, col0, p.col1, s.dim);
+  const Operand<T> a = make_operand<T>(s.a, s.stride_am, s.stride_ak);
+  const Operand<T> b = make_operand<T>(s.b, s.stride_bn, s.stride_bk);
+  score_tile<T, M>(sm, sm.s, a, b, row0, p.row1, col0, p.col1, s.dim);
   const Positives pos = positives(s);
   const float scale = __ldg(s.scale);
   T* g_out = static_cast<T*>(p.g_out);

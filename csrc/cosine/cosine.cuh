@@ -148,9 +148,14 @@ __device__ __forceinline__ void store_grads(const Outputs& out, const Coefficien
   }
 }
 
+// Two blocks per SM (a 128-register cap), except for 64 16-bit elements per lane and tensor,
+// which would spill under the cap: their 16 loads in flight per thread hide the latency anyway.
+template <typename T, int kVecs>
+constexpr int kMinBlocks = kVecs * kVec<T> >= 64 ? 1 : 2;
+
 // G lanes per row; kVecs > 0: the row in registers (kVecs vectors per lane), 0: two sweeps.
 template <typename T, int G, int kVecs>
-__global__ void __launch_bounds__(kThreads) cosine_kernel(const CosineParams p) {
+__global__ void __launch_bounds__(kThreads, (kMinBlocks<T, kVecs>)) cosine_kernel(const CosineParams p) {
   constexpr int V = kVec<T>;
   const int lane = threadIdx.x % G;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / G) + threadIdx.x / G;

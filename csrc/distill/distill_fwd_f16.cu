@@ -1,0 +1,5 @@
+// Distillation forward statistics, f16 features (kernels in distill_fwd.cuh).
+#include "distill/distill_fwd.cuh"
+
+template cudaError_t pyclipfast::distill_forward<pyclipfast::DType::kFloat16>(const pyclipfast::DistillForwardParams&,
+                                                                          cudaStream_t);

@@ -1,0 +1,5 @@
+// Distillation gradient tiles, bf16 features (kernels in distill_grad.cuh).
+#include "distill/distill_grad.cuh"
+
+template cudaError_t pyclipfast::distill_grad<pyclipfast::DType::kBFloat16>(const pyclipfast::DistillGradParams&,
+                                                                       cudaStream_t);
