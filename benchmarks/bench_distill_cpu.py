@@ -6,6 +6,8 @@ and the extra peak memory is VmHWM minus the RSS before the call.
 
     python benchmarks/bench_distill_cpu.py                     # N=8192 D=256 Dt=256, margin 0.1, filter 0.5, kl
     python benchmarks/bench_distill_cpu.py --n 4096 --repeat 3
+    python benchmarks/bench_distill_cpu.py --margin 0 --threshold none --kd ce   # open_clip's DistillClipLoss objective
+    OMP_NUM_THREADS=1 python benchmarks/bench_distill_cpu.py                    # one core
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--dt", type=int, default=256)
     parser.add_argument("--margin", type=float, default=0.1)
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--threshold", type=lambda v: None if v == "none" else float(v), default=0.5,
+                        help="false-negative threshold, or 'none' for no filter")
     parser.add_argument("--kd", choices=("kl", "ce"), default="kl")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--worker", choices=list(IMPLEMENTATIONS), help=argparse.SUPPRESS)
