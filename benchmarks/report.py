@@ -129,6 +129,9 @@ def _header(record: dict) -> str:
     else:
         where = f"{m['cpu_model']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads"
     load = f"load average {_loads(m['load_average'])} at start, {_loads(record.get('load_average_end'))} at end"
+    if was_busy(m, record.get("load_average_end")):
+        load += (f" — **the machine was busy with other work during this run** (more runnable tasks than its "
+                 f"{m['cpu_cores']} cores): CPU timings carry that load")
     gemm = "; ".join(f"{k} {g['tflops']:.3g} TFLOP/s (S={g['size']})" for k, g in c["gemm"].items())
     lines = [
         f"# pyclipfast benchmarks: suite `{record['suite']}` on {m['name']}",
@@ -152,6 +155,14 @@ def _uncommitted(paths: List[str], shown: int = 6) -> str:
         return ""
     more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
     return f" + uncommitted changes ({', '.join(paths[:shown])}{more})"
+
+
+def was_busy(machine: dict, end_load) -> bool:
+    """CPU runs only: the 1-minute load average exceeded the core count at the start or the end."""
+    if machine["device"] != "cpu":
+        return False
+    peaks = [machine["load_average"][0]] + ([end_load[0]] if end_load else [])
+    return max(peaks) > machine["cpu_cores"]
 
 
 def _loads(values) -> str:

@@ -26,7 +26,7 @@ from .cases import DTYPES, CaseSpec, check_finite, input_sets, is_out_of_memory,
 from .maxbatch import largest_batch
 from .memory import ProbeResult, ProbeWorker, probe, release_cuda_memory
 from .registry import Context, Op, Shape, discover
-from .report import derive_all
+from .report import derive_all, was_busy
 from .suites import MaxBatchSpec, Suite, Sweep, build_suite
 from .timing import time_cpu, time_cuda
 
@@ -126,6 +126,7 @@ class Runner:
             results=self.results, skipped=self.skipped, max_batch=self.max_batch,
             elapsed_s=round(time.time() - started, 1), load_average_end=list(os.getloadavg()),
         )
+        record["machine_busy"] = was_busy(machine, record["load_average_end"])
         derive_all(record, self.ops)
         record["goals"] = self._goals(record)
         return record
@@ -276,7 +277,7 @@ class Runner:
                 ctx = Context(self.device, DTYPES[spec.dtype], Shape(spec.start, spec.d))
                 reason = impl.skip_reason(ctx)
                 if reason:
-                    self._skip(op.name, impl.name, f"largest batch: {reason}", dtype=spec.dtype, d=spec.d)
+                    self._skip(op.name, impl.name, reason, dtype=spec.dtype, d=spec.d)
                     continue
                 self.opts.log(f"-- largest batch: {op.name} {impl.name} {spec.dtype} D={spec.d} from N={spec.start}")
                 case = CaseSpec(op.name, impl.name, self.device, spec.dtype, spec.start, spec.d, seed=self.opts.seed)
@@ -330,7 +331,10 @@ class Runner:
         return out
 
     def _skip(self, op: str, impl: str, reason: str, **where) -> None:
-        self.skipped.append({"op": op, "impl": impl, **where, "reason": reason})
+        entry = {"op": op, "impl": impl, **where, "reason": reason}
+        if entry in self.skipped:
+            return
+        self.skipped.append(entry)
         self.opts.log(f"   skip {op} {impl} {' '.join(f'{k}={v}' for k, v in where.items())}: {reason}")
 
     def _blank(self, op: Op, impl, spec: CaseSpec) -> dict:
