@@ -6,39 +6,49 @@ CPUs, launched with torchrun. No rank ever stores an n×N or N×N matrix: the
 fused losses run on (local rows × gathered columns).
 
 Functional API (`clip_loss`, `siglip_loss`): the loss of the global batch on every
-rank. Rank r computes its share ℓ_r of the global loss L = Σ_r ℓ_r against the
-gathered other side,
+rank. Rank r computes a share ℓ_r of the global loss L = Σ_r ℓ_r,
 
     CLIP:    ℓ_r = 1/(2N) Σ_{i∈r} (r_i − mean_{j∈P(i)} S_ij) + 1/(2M) Σ_{j∈r} (c_j − mean_{i∈Q(j)} S_ij)
     SigLIP:  ℓ_r = −1/N Σ_{i∈r} Σ_j log σ(y_ij S_ij)
 
-(rows i of A_r against all of B; columns j of B_r against all of A), and returns
-L = Σ_r ℓ_r through an all-reduce whose backward is the identity. Gradient flow,
+from one block, its rows of S = s·A·Bᵀ against the gathered texts: S_r = s·A_r·B_allᵀ
+(n×M, never stored). One fused sweep gives the rows' r_i and, for every column j,
+the partial (log-sum-exp, positive sum) over this rank's rows; an all-to-all
+sends column j's partials to j's owner, which merges them:
+
+    c_j = logsumexp_k c_j^(k),   Σ_{i∈Q(j)} S_ij = Σ_k pos_j^(k)
+
+So each entry of S is computed once on one rank: 2·n·M·D FLOPs forward and
+6·n·M·D backward per rank (8·N·M·D/W, the single-process minimum split W ways;
+open_clip's local_loss does 12·N·M·D/W), and only the texts are gathered. The
+sum L = Σ_r ℓ_r is an all-reduce whose backward is the identity. Gradient flow,
 for the same upstream g on every rank (``loss.backward()``):
 
     ∂/∂A_r = g·Σ_k ∂ℓ_k/∂A_r = g·∂L/∂A_r
 
-because ℓ_k reaches A_r through the gather, whose backward reduce-scatters
-(sums) the gathered gradients back to their owners. So each shard receives
-exactly its slice of the single-process gradient of the concatenated batch; an
-all-reduce with the usual summing backward would have made it W·∂L/∂A_r.
-logit_scale and logit_bias are replicated like the encoder weights and get
-their share ∂ℓ_r/∂s, which sums over ranks to ∂L/∂s. The rule is the same for
-every replicated tensor: the single-process gradient is the sum over ranks.
-DDP and FSDP average instead of summing, so parameters receive ∇L / W: open_clip's
-gather_with_grad direction, scaled by 1/W (multiply the loss by the world size
-for ∇L itself; Adam-type optimisers do not notice).
+because ℓ_k reaches A_r and B_r only through the gather and the all-to-all, whose
+backwards (reduce-scatter, the reverse all-to-all) bring each gradient back to
+its owner, summed over ranks. So each shard receives exactly its slice of the
+single-process gradient of the concatenated batch; an all-reduce with the usual
+summing backward would have made it W·∂L/∂A_r. logit_scale and logit_bias are
+replicated like the encoder weights and get their share ∂ℓ_r/∂s, which sums over
+ranks to ∂L/∂s. The rule is the same for every replicated tensor: the
+single-process gradient is the sum over ranks. DDP and FSDP average instead of
+summing, so parameters receive ∇L / W: open_clip's gather_with_grad direction,
+scaled by 1/W (multiply the loss by the world size for ∇L itself; Adam-type
+optimisers do not notice).
 
 Positive ids are gathered with the features, so captions of one image held by
 different ranks are positives, not false negatives.
 
 open_clip modules (`clip_module_loss`, `siglip_module_loss`, `distill_module_loss`,
 called by `pyclipfast.ClipLoss` / `SigLipLoss` / `DistillClipLoss` when
-world_size > 1) follow open_clip
-3.3.0 exactly (gather_with_grad, local_loss, SigLIP's dist_impl), so values and
-gradients equal open_clip's for the same arguments: with gather_with_grad each
+world_size > 1) follow open_clip 3.3.0's structure exactly (gather_with_grad,
+local_loss, SigLIP's dist_impl), so values and gradients, the scale's on each rank
+included, equal open_clip's for the same arguments: with gather_with_grad each
 rank's loss is its local mean, and gradients are W·∂L/∂A_r, which DDP's
-averaging turns into ∇L.
+averaging turns into ∇L. ClipLoss's local_loss runs the rows-only loss in each
+direction (16·N·M·D/W FLOPs per rank with the recomputing backward).
 """
 from __future__ import annotations
 
@@ -112,6 +122,28 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """Row k of the (W, …) input goes to rank k; row k of the output came from rank k.
+
+    A permutation of the rows across ranks, so the backward is the same exchange of the gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_to_all(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.group), None
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dist.all_to_all_single(out, x.contiguous(), group=group)
+    return out
 
 
 def _exchange(tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int], group):
@@ -216,11 +248,6 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _shard_ids(ids: Optional[torch.Tensor], rows: int, rank: int, device) -> torch.Tensor:
-    """This rank's ids, or its slice of the default arange (the global diagonal)."""
-    return ids if ids is not None else torch.arange(rank * rows, (rank + 1) * rows, device=device)
-
-
 # --------------------------------------------------------------------------- functional API
 
 def clip_loss(
@@ -258,27 +285,51 @@ def clip_loss(
     check_features("image_features", image_features)
     check_features("text_features", text_features, like=image_features, like_name="image_features")
     image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
-    resolve("clip", backend, image_features)
-    _check_scales(logit_scale, logit_bias, image_features)
+    name = resolve("clip", backend, image_features)
+    scale = as_scale("logit_scale", logit_scale, image_features)
+    bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features, positive=False)
     _check_shards(image_features, text_features, group)
 
-    rank, n, m, device = dist.get_rank(group), image_features.shape[0], text_features.shape[0], image_features.device
-    all_image, all_text = all_gather_with_grad(image_features, group), all_gather_with_grad(text_features, group)
-    local_image_ids, local_text_ids = _shard_ids(image_ids, n, rank, device), _shard_ids(text_ids, m, rank, device)
-    if image_ids is None:
-        all_image_ids = all_text_ids = torch.arange(world * n, device=device)
-    else:
-        all_image_ids, all_text_ids = _gather(image_ids, group), _gather(text_ids, group)
-        check_has_positive(positive_counts(all_image_ids, all_text_ids), "image row")
-        check_has_positive(positive_counts(all_text_ids, all_image_ids), "text column")
-
-    def rows(queries, keys, query_ids, key_ids):
-        return _clip.clip_loss(queries, keys, logit_scale, logit_bias, image_ids=query_ids, text_ids=key_ids,
-                               bidirectional=False, backend=backend)
-
-    share = (rows(image_features, all_text, local_image_ids, all_text_ids)
-             + rows(text_features, all_image, local_text_ids, all_image_ids)) / (2 * world)
+    rank, n, m = dist.get_rank(group), image_features.shape[0], text_features.shape[0]
+    all_text = all_gather_with_grad(text_features, group)
+    row_ids, col_ids, row_count, col_count = _clip_ids(image_ids, text_ids, rank, n, m, world, group,
+                                                       image_features.device)
+    row_lse, col_lse_part, row_pos, col_pos_part = _block_stats(image_features, all_text, scale, row_ids, col_ids,
+                                                                name)
+    # part[k, j] = rank k's statistics of this rank's column j (over rank k's rows), merged here
+    part = _AllToAll.apply(torch.stack([col_lse_part, col_pos_part], 1).view(world, m, 2), group)
+    col_lse, col_pos = torch.logsumexp(part[..., 0], 0), part[..., 1].sum(0)
+    rows = row_lse - (row_pos if row_count is None else row_pos / row_count)
+    cols = col_lse - (col_pos if col_count is None else col_pos / col_count)
+    share = rows.sum() / (2 * world * n) + cols.sum() / (2 * world * m)
+    if bias is not None and bias.requires_grad:
+        share = share + 0 * bias.to(share.dtype)  # db = 0 exactly, as in pyclipfast.clip_loss
     return _SumOverRanks.apply(share, group)
+
+
+def _clip_ids(image_ids, text_ids, rank: int, n: int, m: int, world: int, group, device):
+    """(this rank's row ids, all column ids, row positive counts, this rank's column positive counts).
+
+    Default ids are the global diagonal (counts None: one positive each). Given ids are gathered
+    and every row and column of the global batch must have a positive (checked on every rank alike).
+    """
+    if image_ids is None:
+        return torch.arange(rank * n, (rank + 1) * n, device=device), torch.arange(world * m, device=device), None, None
+    all_image_ids, all_text_ids = _gather(image_ids, group), _gather(text_ids, group)
+    row_count, col_count = positive_counts(all_image_ids, all_text_ids), positive_counts(all_text_ids, all_image_ids)
+    check_has_positive(row_count, "image row")
+    check_has_positive(col_count, "text column")
+    return image_ids, all_text_ids, row_count[rank * n:(rank + 1) * n], col_count[rank * m:(rank + 1) * m]
+
+
+def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: torch.Tensor,
+                 col_ids: torch.Tensor, backend: str):
+    """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1)."""
+    if backend != "reference":
+        return _clip._ClipStats.apply(a, b, scale, row_ids, col_ids, True, backend)
+    logits = reference.logits(a, b, scale)
+    positives = reference.positive_mask(*logits.shape, row_ids, col_ids, logits.device).to(logits.dtype)
+    return logits.logsumexp(1), logits.logsumexp(0), (logits * positives).sum(1), (logits * positives).sum(0)
 
 
 def siglip_loss(
@@ -311,11 +362,12 @@ def siglip_loss(
 
     rank, n, device = dist.get_rank(group), image_features.shape[0], image_features.device
     all_text = all_gather_with_grad(text_features, group)
-    if image_ids is None:
-        local_ids, all_text_ids = _shard_ids(None, n, rank, device), torch.arange(world * n, device=device)
+    if image_ids is None:  # the global diagonal
+        image_ids = torch.arange(rank * n, (rank + 1) * n, device=device)
+        all_text_ids = torch.arange(world * n, device=device)
     else:
-        local_ids, all_text_ids = image_ids, _gather(text_ids, group)
-    share = _siglip.siglip_loss(image_features, all_text, logit_scale, logit_bias, image_ids=local_ids,
+        all_text_ids = _gather(text_ids, group)
+    share = _siglip.siglip_loss(image_features, all_text, logit_scale, logit_bias, image_ids=image_ids,
                                 text_ids=all_text_ids, backend=backend) / world
     return _SumOverRanks.apply(share, group)
 

@@ -77,6 +77,7 @@ FUNCTIONAL_CASES = {
     "siglip": ("siglip", False, "torch", torch.float64),
     "siglip-ids": ("siglip", True, "torch", torch.float64),
     "clip-ids-triton": ("clip", True, "triton", torch.float32),
+    "clip-ids-reference": ("clip", True, "reference", torch.float64),
 }
 
 # name: (exception type, words the message must contain)
