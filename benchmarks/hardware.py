@@ -48,7 +48,7 @@ def device_slug(info: dict) -> str:
     if info["device"] == "cpu":
         return f"cpu-{info['cpu_cores']}core"
     name = info["name"].lower()
-    for chip in ("h100", "h200", "h800", "a100", "b200", "gh200", "l40s", "l4"):
+    for chip in ("gh200", "h100", "h200", "h800", "a100", "b200", "l40s", "l4"):
         if chip in name:
             if chip in ("h100", "a100"):
                 form = "pcie" if "pcie" in name else "nvl" if "nvl" in name else "sxm"

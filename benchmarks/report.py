@@ -132,7 +132,7 @@ def _header(record: dict) -> str:
     if was_busy(m, record.get("load_average_end")):
         load += (f" — **the machine was busy with other work during this run** (more runnable tasks than its "
                  f"{m['cpu_cores']} cores): CPU timings carry that load")
-    gemm = "; ".join(f"{k} {g['tflops']:.3g} TFLOP/s (S={g['size']})" for k, g in c["gemm"].items())
+    gemm = "; ".join(f"{k} {_num(g['tflops'])} TFLOP/s (S={g['size']})" for k, g in c["gemm"].items())
     lines = [
         f"# pyclipfast benchmarks: suite `{record['suite']}` on {m['name']}",
         "",
@@ -140,7 +140,7 @@ def _header(record: dict) -> str:
         f"- Machine: {where}; {load}" + (f". Note: {record['note']}" if record.get("note") else ""),
         f"- Software: Python {v['python']}, torch {v['torch']}, triton {v['triton']}, pyclipfast {v['pyclipfast']} "
         f"at {v['git_commit'][:12] or 'unknown commit'}{dirty}; peers: {peers}",
-        f"- Ceilings measured in this run: dense GEMM {gemm}; copy {c['copy']['gbps']:.3g} GB/s (read + write)"
+        f"- Ceilings measured in this run: dense GEMM {gemm}; copy {_num(c['copy']['gbps'])} GB/s (read + write)"
         + ("; TF32 on" if c.get("tf32") else ""),
         f"- Suite: {record['suite_description']}",
         "- Timed call: forward + gradients of every input that needs one (metrics: forward only). Time: median "
@@ -226,7 +226,7 @@ def _num(x: Optional[float]) -> str:
         return ""
     if x == 0:
         return "0"
-    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:,.0f}"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:,.0f}"
 
 
 def _pct(x: Optional[float]) -> str:

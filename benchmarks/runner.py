@@ -28,7 +28,7 @@ from .memory import ProbeResult, ProbeWorker, probe, release_cuda_memory
 from .registry import Context, Op, Shape, discover
 from .report import derive_all, was_busy
 from .suites import MaxBatchSpec, Suite, Sweep, build_suite
-from .timing import time_cpu, time_cuda
+from .timing import time_cpu, time_cuda, time_interleaved_cpu
 
 GB = 10**9
 CPU_ROTATION_BYTES = 64 * 2**20  # rotate two input sets on the CPU while they are smaller than this
@@ -178,6 +178,7 @@ class Runner:
                 continue
             for dtype in sweep.dtypes:
                 for d in sweep.dims:
+                    usable = []
                     for impl in self._selected_impls(op, sweep.impls, dtype):
                         ns = [n for n in sweep.ns if impl.name not in sweep.only_at or n in sweep.only_at[impl.name]]
                         if not ns:
@@ -186,8 +187,12 @@ class Runner:
                         reason = impl.skip_reason(ctx)
                         if reason:
                             self._skip(op.name, impl.name, reason, dtype=dtype, d=d)
-                            continue
-                        self._series(op, impl, dtype, d, ns, sweep)
+                        elif not (sweep.interleave and self.device == "cpu"):
+                            self._series(op, impl, dtype, d, ns, sweep)
+                        else:
+                            usable.append(impl)
+                    if usable:
+                        self._interleaved(op, usable, dtype, d, sweep)
 
     def _series(self, op: Op, impl, dtype: str, d: int, ns: Sequence[int], sweep: Sweep) -> None:
         """One implementation over increasing N at fixed (dtype, D)."""
@@ -205,6 +210,48 @@ class Runner:
             self.opts.log(_progress(result))
             if result["status"] != "skipped":
                 previous = result
+
+    def _interleaved(self, op: Op, impls: list, dtype: str, d: int, sweep: Sweep) -> None:
+        """CPU: per N, probe every implementation's memory (subprocess, capped), then time those that
+        fit together in rounds (`time_interleaved_cpu`), so their ratio is fair on a shared machine."""
+        timing = {**self.suite.timing, **sweep.timing, **(self.opts.timing or {})}
+        did_not_fit = {}
+        for n in sorted(sweep.ns):
+            results, steps, sets = {}, {}, {}
+            for impl in impls:
+                spec = CaseSpec(op.name, impl.name, self.device, dtype, n, d, dt=sweep.teacher_dim,
+                                seed=self.opts.seed)
+                results[impl.name] = result = self._blank(op, impl, spec)
+                if impl.name in did_not_fit:
+                    _failed(result, "skipped", f"N={did_not_fit[impl.name]} already did not fit")
+                    continue
+                memory = self.worker.probe(spec)
+                result.update(memory=memory.to_dict(), value=memory.value)
+                if not memory.ok:
+                    _failed(result, memory.status, memory.message)
+                    did_not_fit.update({impl.name: n} if memory.status in ("oom", "over-cap") else {})
+                    continue
+                steps[impl.name] = make_step(op, impl.make_call(spec.context()))
+                steps[impl.name](input_sets(op, spec.tiny(), 1)[0])
+                sets[impl.name] = input_sets(op, spec, self._rotation_count(op, spec))
+                result["rotation_sets"] = len(sets[impl.name])
+            self._time_together(results, steps, sets, timing)
+            for result in results.values():
+                self.results.append(result)
+                self.opts.log(_progress(result))
+
+    @staticmethod
+    def _time_together(results: Dict[str, dict], steps: dict, sets: dict, timing: dict) -> None:
+        if not steps:
+            return
+        try:
+            timings = time_interleaved_cpu(steps, sets, **timing)
+        except Exception as exc:  # noqa: BLE001
+            for name in steps:
+                _failed(results[name], "oom" if is_out_of_memory(exc) else "error", short_error(exc))
+            return
+        for name, t in timings.items():
+            results[name].update(time=t.to_dict(), status="ok")
 
     def _skip_in_series(self, op: Op, spec: CaseSpec, previous: Optional[dict]) -> Optional[str]:
         if previous is None:

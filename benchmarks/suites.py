@@ -34,6 +34,7 @@ class Sweep:
     teacher_dim: Optional[int] = None
     label: str = ""
     timing: dict = field(default_factory=dict)  # overrides the suite's timing options
+    interleave: bool = False  # CPU: time the implementations of each case in rounds (fair ratios under load)
 
 
 @dataclass
@@ -121,7 +122,8 @@ def _full(device: str) -> Suite:
 def _cpu_acceptance(device: str) -> Suite:
     return Suite(
         "cpu-acceptance", "issue 2: fp32 fwd+bwd N=8192 D=256 pcf-torch vs open_clip; N=65,536 D=128 completes",
-        [Sweep([8192], [256], ["float32"], ops=["clip"], impls=["pcf-torch", "open_clip"], label="N=8192 D=256"),
+        [Sweep([8192], [256], ["float32"], ops=["clip"], impls=["pcf-torch", "open_clip"], label="N=8192 D=256",
+               interleave=True),
          Sweep([65536], [128], ["float32"], ops=["clip"], impls=["pcf-torch", "open_clip"], label="N=65,536 D=128",
                timing=dict(budget_s=0.0, min_reps=3))],
         goals=_cpu_goals(), timing=dict(budget_s=20.0, min_reps=5, max_reps=9))

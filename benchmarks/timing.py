@@ -9,6 +9,10 @@ warm-up unless it is long (≥ `long_call_s`), in which case it is kept as a
 sample (page faults of fresh allocations are paid on every CPU call anyway).
 Samples are taken until `budget_s` is spent, at least `min_reps`.
 
+Interleaved (CPU): several implementations of one case timed in rounds, one
+call of each per round, the order rotating, so a load change on a shared
+machine hits all of them alike and their ratio stays fair.
+
 CUDA: one call to compile/autotune, a few to estimate the cost, warm-up calls
 for `warmup_ms`, then `rep_ms` worth of calls each bracketed by CUDA events
 (the launch of call k+1 overlaps nothing: events are recorded on the stream).
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -68,6 +72,39 @@ def time_cpu(step: Callable[[object], object], input_sets: Sequence[object], *, 
         samples.append((time.perf_counter() - t0) * 1e3)
     method = "perf_counter, first full-size call " + ("kept (long call)" if warmup == 0 else "discarded")
     return Timing.from_samples(samples, warmup, method)
+
+
+def time_interleaved_cpu(steps: Dict[str, Callable[[object], object]], input_sets: Dict[str, Sequence[object]], *,
+                         budget_s: float = 3.0, min_reps: int = 3, max_reps: int = 25,
+                         long_call_s: float = 5.0) -> Dict[str, Timing]:
+    """`time_cpu` for several implementations at once, in rounds (one call of each per round)."""
+    names = list(steps)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    kept = {}
+    for name in names:  # first full-size call: discarded unless long, as in time_cpu
+        ms = _call_ms(steps[name], input_sets[name][0])
+        kept[name] = ms >= long_call_s * 1e3
+        if kept[name]:
+            samples[name].append(ms)
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s):
+        for k in range(len(names)):
+            name = names[(rounds + k) % len(names)]
+            if len(samples[name]) < max_reps:
+                sets = input_sets[name]
+                samples[name].append(_call_ms(steps[name], sets[len(samples[name]) % len(sets)]))
+        rounds += 1
+    others = ", ".join(names)
+    return {name: Timing.from_samples(samples[name], 0 if kept[name] else 1,
+                                      f"perf_counter, interleaved round-robin with {others}; first full-size call "
+                                      + ("kept (long call)" if kept[name] else "discarded"))
+            for name in names}
+
+
+def _call_ms(step, inputs) -> float:
+    t0 = time.perf_counter()
+    step(inputs)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def time_cuda(step: Callable[[object], object], input_sets: Sequence[object], *, warmup_ms: float = 100.0,

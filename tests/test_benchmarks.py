@@ -19,9 +19,10 @@ from benchmarks.cases import CaseSpec, input_sets, make_step, value_of
 from benchmarks.maxbatch import largest_batch
 from benchmarks.memory import ProbeResult, ProbeWorker
 from benchmarks.registry import Impl, Op, Shape
-from benchmarks.report import derive_all, figures, markdown
+from benchmarks.hardware import device_slug
+from benchmarks.report import derive_all, figures, markdown, was_busy
 from benchmarks.suites import build_suite, find
-from benchmarks.timing import Timing
+from benchmarks.timing import Timing, time_interleaved_cpu
 
 OPS = registry.discover()
 TINY_N, TINY_D = 48, 16
@@ -126,10 +127,28 @@ def test_derived_figures_and_baseline_ratios():
     assert mine["time_vs_baseline"] == pytest.approx(0.25) and mine["mem_vs_baseline"] == pytest.approx(0.025)
 
 
+def test_machine_slug_and_busy_flag():
+    assert device_slug({"device": "cpu", "cpu_cores": 2}) == "cpu-2core"
+    assert device_slug({"device": "cuda", "name": "NVIDIA H100 80GB HBM3"}) == "h100-sxm"
+    assert device_slug({"device": "cuda", "name": "NVIDIA GH200 480GB"}) == "gh200"
+    cpu = {"device": "cpu", "cpu_cores": 2, "load_average": [0.5, 0.5, 0.5]}
+    assert not was_busy(cpu, [1.0, 1.0, 1.0]) and was_busy(cpu, [7.5, 5.0, 3.0])
+
+
 def test_timing_summary_statistics():
     t = Timing.from_samples([5.0, 1.0, 3.0, 2.0, 4.0], warmup_calls=1, method="test")
     assert (t.median_ms, t.min_ms, t.max_ms, t.reps) == (3.0, 1.0, 5.0, 5)
     assert (t.q1_ms, t.q3_ms) == (2.0, 4.0) and t.iqr_ms == 2.0
+
+
+def test_interleaved_timing_takes_turns():
+    calls = []
+    steps = {name: (lambda inputs, name=name: calls.append((name, inputs))) for name in ("a", "b")}
+    timings = time_interleaved_cpu(steps, {"a": ["a0", "a1"], "b": ["b0"]}, budget_s=0.0, min_reps=3, max_reps=3)
+    assert calls[:2] == [("a", "a0"), ("b", "b0")]  # the discarded first calls
+    assert [name for name, _ in calls[2:]] == ["a", "b", "b", "a", "a", "b"]  # the order rotates each round
+    assert [inputs for name, inputs in calls[2:] if name == "a"] == ["a0", "a1", "a0"]  # input sets rotate
+    assert timings["a"].reps == timings["b"].reps == 3 and "interleaved" in timings["a"].method
 
 
 # ------------------------------------------------------------------ largest batch
