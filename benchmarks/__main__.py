@@ -74,6 +74,15 @@ def _run(args) -> int:
 
     device = args.device or _default_device()
     filtered = any(x is not None for x in (args.only, args.impls, args.n, args.d, args.dtype, args.goals))
+    stem = args.name or (f"{args.suite}-custom" if filtered else args.suite)
+    partial = {}
+
+    def checkpoint(record: dict) -> None:
+        """Keep every finished case in <stem>.partial.json until the run completes."""
+        if "path" not in partial:
+            partial["path"] = (args.out or RESULTS / hardware.device_slug(record["machine"])) / f"{stem}.partial.json"
+        write_json(record, partial["path"])
+
     opts = RunOptions(
         suite=args.suite, device=device, only_ops=args.only, only_impls=args.impls, ns=args.n, dims=args.d,
         dtypes=args.dtype, goals=args.goals, mem_isolation=args.mem_isolation,
@@ -82,10 +91,11 @@ def _run(args) -> int:
         seed=args.seed, note=args.note,
         timing=None if args.reps is None else _fixed_reps(device, args.reps),
         command="python -m benchmarks " + shlex.join(sys.argv[1:] or ["run"]),
-        log=lambda line: print(line, flush=True))
+        log=lambda line: print(line, flush=True), checkpoint=checkpoint)
     record = Runner(opts).run()
     out = args.out or RESULTS / hardware.device_slug(record["machine"])
-    stem = args.name or (f"{args.suite}-custom" if filtered else args.suite)
+    if "path" in partial:
+        partial["path"].unlink(missing_ok=True)
     write_json(record, out / f"{stem}.json")
     write_markdown(record, out / f"{stem}.md")
     written = [out / f"{stem}.json", out / f"{stem}.md"]
@@ -103,6 +113,11 @@ def _plot(args) -> int:
     from .report import load_json, write_markdown
 
     record = load_json(args.json)
+    if record.get("partial"):  # a checkpoint of a run that did not finish: derive what the run would have
+        from .registry import discover
+        from .report import derive_all
+
+        derive_all(record, discover())
     out = args.out or args.json.parent
     paths = plot_record(record, out, args.json.stem)
     write_markdown(record, out / f"{args.json.stem}.md")

@@ -10,6 +10,10 @@
 #   quick       the quick suite (every op and implementation at N = 4k, 16k, 64k)
 #   full        the full suite (longer than one 10-minute command: use the two halves below)
 #
+# Budgets: BUILD_BUDGET_S (default 300) for building pyclipfast._C, BUDGET_S (default 570) for the whole
+# script; the benchmark is stopped at BUDGET_S and leaves <name>.partial.json (redraw it with
+# `python -m benchmarks plot`).
+#
 # With the device tool, from the repository root here (after `bash benchmarks/peer_wheels.sh`):
 #   run(command="bash benchmarks/gpu_bench.sh goals", carry=[".wheels"], timeout_s=600)
 # then unpack the tarball here: tar xzf <files_at>/results.tgz -C benchmarks/results
@@ -42,7 +46,7 @@ build_extension() {
     echo "building pyclipfast._C (log: $OUT/build.log)"
     local t0=$SECONDS
     if TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc) PYCLIPFAST_BUILD_CUDA=1 \
-        "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+        timeout "${BUILD_BUDGET_S:-300}" "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
         echo "built in $((SECONDS - t0)) s"
     else
         echo "CUDA extension build FAILED after $((SECONDS - t0)) s; backend='cuda' will be skipped:"
@@ -51,7 +55,12 @@ build_extension() {
 }
 
 run_part() {
-    local bench=("$PY" -m benchmarks run --device cuda --note "H100 lent through the device tool; part $PART")
+    # Stop the benchmark in time to pack the results inside the device tool's 600 s per command; a run
+    # cut short leaves benchmarks/results/<device>/<name>.partial.json with every finished case.
+    local left=$(( ${BUDGET_S:-570} - SECONDS ))
+    [ "$left" -gt 60 ] || left=60
+    local bench=(timeout "$left" "$PY" -m benchmarks run --device cuda
+                 --note "lent GPU machine (device tool); gpu_bench.sh part $PART")
     case "$PART" in
         goals) "${bench[@]}" --suite gpu-goals --goals speed,memory --name gpu-goals ;;
         max-batch) "${bench[@]}" --suite gpu-goals --goals max-batch --name gpu-goals-max-batch ;;

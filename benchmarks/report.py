@@ -134,9 +134,10 @@ def _header(record: dict) -> str:
                  f"{m['cpu_cores']} cores): CPU timings carry that load")
     gemm = "; ".join(f"{k} {_num(g['tflops'])} TFLOP/s (S={g['size']})" for k, g in c["gemm"].items())
     lines = [
-        f"# pyclipfast benchmarks: suite `{record['suite']}` on {m['name']}",
+        f"# pyclipfast benchmarks: suite `{record['suite']}` on {m['name']}"
+        + (" (partial: the run did not finish)" if record.get("partial") else ""),
         "",
-        f"- Command: `{record['command']}` ({record['started']}, {record['elapsed_s']} s)",
+        f"- Command: `{record['command']}` ({record['started']}, {record.get('elapsed_s', '?')} s)",
         f"- Machine: {where}; {load}" + (f". Note: {record['note']}" if record.get("note") else ""),
         f"- Software: Python {v['python']}, torch {v['torch']}, triton {v['triton']}, pyclipfast {v['pyclipfast']} "
         f"at {v['git_commit'][:12] or 'unknown commit'}{dirty}; peers: {peers}",

@@ -58,6 +58,7 @@ class RunOptions:
     note: str = ""
     command: str = ""
     log: Callable[[str], None] = print
+    checkpoint: Optional[Callable[[dict], None]] = None  # called with the raw record after every case
 
 
 class Runner:
@@ -75,6 +76,7 @@ class Runner:
         self.max_batch: List[dict] = []
         self.worker: Optional[ProbeWorker] = None
         self.l2_bytes = 0
+        self.header: dict = {}
 
     # ------------------------------------------------------------------ top level
 
@@ -111,6 +113,7 @@ class Runner:
             "ceilings": hardware.measure_ceilings(self.device, [DTYPES[d] for d in dtypes],
                                                   gemm_size=self.opts.gemm_size, copy_bytes=self.opts.copy_bytes),
         }
+        self.header = dict(record)
         if self.device == "cpu":
             self.worker = ProbeWorker(self.opts.cpu_mem_cap_bytes, self.opts.mem_isolation)
         try:
@@ -206,8 +209,7 @@ class Runner:
             result = self._blank(op, impl, spec) if skip else self._case(op, impl, spec, timing)
             if skip:
                 result.update(status="skipped", message=skip)
-            self.results.append(result)
-            self.opts.log(_progress(result))
+            self._add(result)
             if result["status"] != "skipped":
                 previous = result
 
@@ -237,8 +239,7 @@ class Runner:
                 result["rotation_sets"] = len(sets[impl.name])
             self._time_together(results, steps, sets, timing)
             for result in results.values():
-                self.results.append(result)
-                self.opts.log(_progress(result))
+                self._add(result)
 
     @staticmethod
     def _time_together(results: Dict[str, dict], steps: dict, sets: dict, timing: dict) -> None:
@@ -335,6 +336,7 @@ class Runner:
                          "cap_bytes": spec.cap_bytes if self.device == "cpu" else None, **found.to_dict()}
                 self.max_batch.append(entry)
                 self.opts.log(f"   largest N = {found.largest_ok} ({found.stop_reason})")
+                self._save_checkpoint()
 
     def _trial(self, case: CaseSpec, spec: MaxBatchSpec) -> Callable[[int], ProbeResult]:
         def run(n: int) -> ProbeResult:
@@ -376,6 +378,18 @@ class Runner:
             result["description"] = goal.description
             out.append(result)
         return out
+
+    def _add(self, result: dict) -> None:
+        self.results.append(result)
+        self.opts.log(_progress(result))
+        self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        """Hand the raw record so far (no derived figures) to `opts.checkpoint`: a run killed by a time
+        limit still leaves every finished case behind."""
+        if self.opts.checkpoint is not None:
+            self.opts.checkpoint({**self.header, "partial": True, "results": self.results,
+                                  "skipped": self.skipped, "max_batch": self.max_batch})
 
     def _skip(self, op: str, impl: str, reason: str, **where) -> None:
         entry = {"op": op, "impl": impl, **where, "reason": reason}
