@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import _tiles
-from ._tiles import TileScores, positive_tile, spans
+from ._tiles import TileScores, add_positive_grad, positive_tile, spans
 
 
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
@@ -90,7 +90,7 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                 g.zero_()
             if g_col is not None:
                 g.addcmul_(s.sub_(col_lse[j0:j1]).exp_(), g_col[None, j0:j1])
-            _add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos)
+            add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos)
             if need_rows:
                 acc.addmm_(g, b_cols)
             if need_b:
@@ -107,25 +107,3 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
         dscale if need_scale else None,
     )
 
-
-def _add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos) -> None:
-    """g += pos_ij·(g_row_pos_i + g_col_pos_j) on one tile."""
-    if g_row_pos is None and g_col_pos is None:
-        return
-    kind, pos = positive_tile(row_ids, col_ids, i0, i1, j0, j1)
-    if kind == "diag":
-        if pos is None:
-            return
-        k, g0, g1 = pos
-        d = g.diagonal(k)
-        if g_row_pos is not None:
-            d += g_row_pos[g0:g1]
-        if g_col_pos is not None:
-            d += g_col_pos[g0:g1]
-        return
-    w = torch.zeros_like(g)
-    if g_row_pos is not None:
-        w += g_row_pos[i0:i1, None]
-    if g_col_pos is not None:
-        w += g_col_pos[None, j0:j1]
-    g.add_(w.mul_(pos))
