@@ -10,6 +10,7 @@
   (tests/test_clip.py and test_siglip.py hold backend="cuda" to the reference too.)
 """
 import importlib
+import inspect
 import os
 import shutil
 import sys
@@ -82,6 +83,21 @@ def test_cuda_package_raises_import_error_without_the_extension(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError, match="pip install --no-build-isolation -e"):
         importlib.import_module("pyclipfast.cuda.clip")
+
+
+LAUNCHERS = [("clip", ["clip_forward", "clip_backward"]), ("siglip", ["siglip_forward"]),
+             ("cosine", ["cosine_forward"]), ("distill", ["distill_forward", "distill_backward"])]
+
+
+@pytest.mark.parametrize("loss,functions", LAUNCHERS, ids=[x[0] for x in LAUNCHERS])
+def test_launchers_take_the_triton_backends_arguments(C, loss, functions):
+    """The autograd Functions call either backend the same way."""
+    pytest.importorskip("triton")
+    cuda, triton = (importlib.import_module(f"pyclipfast.{folder}.{loss}") for folder in ("cuda", "triton"))
+    for fn in functions:
+        expected = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(triton, fn)).parameters.values()]
+        got = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(cuda, fn)).parameters.values()]
+        assert got == expected, fn
 
 
 def test_backend_cuda_rejects_cpu_tensors():

@@ -25,9 +25,11 @@ class TileConfig:
 
 # One tile of S, fixed in csrc/pyclipfast.h (the gradient blocks are whole tiles).
 TILE = TileConfig(_C.BLOCK_M, _C.BLOCK_N)
-# Forward split: at most this many row groups (each keeps an M-long column partial).
+# Forward split: at most this many row groups (each keeps an M-long column partial), and
+# enough programs for 4 per SM: 4 blocks of 128 threads fit an SM by registers (≤ 128 each)
+# and shared memory (≤ 37 KB each). Untuned starting points.
 MAX_ROW_GROUPS = 64
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 4
 
 
 @lru_cache(maxsize=None)
