@@ -6,14 +6,16 @@
 #              "cuda" and "triton", against the float64 reference in fp32/fp16/bf16)
 #   3. sanitize  compute-sanitizer memcheck and racecheck on benchmarks/sanitize_driver.py
 #              (every CUDA and Triton kernel once, on small odd shapes)
-#   4. bench   python -m benchmarks run --suite full, when benchmarks/__main__.py exists
+#   4. bench   python -m benchmarks run --suite full, when benchmarks/__main__.py exists, for
+#              whatever time is left (a run cut short keeps its finished cases in full.partial.json;
+#              benchmarks/gpu_bench.sh runs the suite in parts that each fit a command)
 #
 # Usage (from anywhere in the checkout):
 #   bash benchmarks/gpu_check.sh                  # all stages
 #   bash benchmarks/gpu_check.sh test sanitize    # some stages (the build runs first if _C is missing)
 # Environment: GPU_CHECK_BUDGET (seconds for the whole run, default 570), PYTHON (default python3),
-# OUT (where the files that come back go; default /tmp/gpu_check_out). Wheels in .whl/ (e.g.
-# open_clip_torch for the drop-in tests) are installed to /tmp/site first.
+# OUT (where the files that come back go; default /tmp/gpu_check_out). Wheels in .wheels/ or .whl/
+# (open_clip_torch for the drop-in tests, the benchmark peers) are installed to /tmp/site first.
 #
 # Logs, JUnit XML and JSON go to benchmarks/results/<device>/gpu_check/; $OUT receives
 # summary.txt, the JUnit files, the benchmark JSON and gpu_check.tar.gz with everything
@@ -33,8 +35,10 @@ export PYTHONUNBUFFERED=1
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 wants() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHEELS=$(ls .wheels/*.whl .whl/*.whl 2>/dev/null)
+if [ -n "$WHEELS" ]; then
+    # shellcheck disable=SC2086  # one wheel per word
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ -z "${CUDA_HOME:-}" ]; then
@@ -114,8 +118,8 @@ fi
 
 if wants bench; then
     if [ -f benchmarks/__main__.py ]; then
-        stage bench 600 bench.log $PY -m benchmarks run --suite full --note "benchmarks/gpu_check.sh"
-        cp benchmarks/results/"$DEVICE"/full.json "$OUT/" 2>/dev/null
+        stage bench 600 bench.log $PY -m benchmarks run --suite full --device cuda --note "benchmarks/gpu_check.sh"
+        cp benchmarks/results/"$DEVICE"/full.json benchmarks/results/"$DEVICE"/full.partial.json "$OUT/" 2>/dev/null
     else
         note "$(printf '%-22s %s' bench 'skipped: no benchmarks/__main__.py')"
     fi
