@@ -7,7 +7,7 @@
 - On a GPU: each loss against the float64 reference in float32/float16/bfloat16
   (and TF32), with odd shapes, several forward groups and gradient blocks,
   misaligned and strided features, run-to-run determinism and offsets past 2^31.
-  (tests/test_clip.py and test_siglip.py hold backend="cuda" to the reference too.)
+  (tests/test_{clip,siglip,cosine,distill}.py hold backend="cuda" to the reference too.)
 """
 import importlib
 import inspect
