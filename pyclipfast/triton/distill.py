@@ -59,7 +59,9 @@ KD_CODES = {None: 0, "kl": 1, "ce": 2}
 @triton.jit
 def _angular_margin(c, alpha, margin):
     """ψ = cos(max(θ − μ, 0)) and ψ' = dψ/dc on every entry (negatives' formula), θ = arccos(clamp(c))."""
-    cc = tl.minimum(tl.maximum(c, -1.0 + _EPS), 1.0 - _EPS)
+    # NaN-propagating clamp: the GPU's fmin/fmax would turn a NaN score finite (SPEC §7).
+    cc = tl.minimum(tl.maximum(c, -1.0 + _EPS, propagate_nan=tl.PropagateNan.ALL), 1.0 - _EPS,
+                    propagate_nan=tl.PropagateNan.ALL)
     sin_theta = tl.sqrt((1.0 - cc) * (1.0 + cc))
     mu = margin * (1.0 - alpha)
     cos_mu = tl.cos(mu)
