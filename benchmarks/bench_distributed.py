@@ -1,0 +1,173 @@
+"""The losses on torch.distributed (gloo, CPU): time and peak memory per rank against open_clip.
+
+For each world size W and implementation, W ranks are spawned on loopback, each holding n = N/W rows
+of a global batch (float32). Each rank runs one small warm-up step, then `--repeat` timed
+forward + backward steps; before each, garbage is collected, glibc's free pages are returned, the
+peak-RSS counter is reset (``5 > /proc/self/clear_refs``) and the ranks meet at a barrier. Reported:
+the slowest rank's best time, and the largest extra peak (VmHWM minus the RSS before the step) over
+the ranks. Every (W, implementation) runs in fresh processes.
+
+Implementations, with the options open_clip users run at scale (local_loss + gather_with_grad):
+    clip    open_clip ClipLoss | pyclipfast.ClipLoss (chunked torch) | pyclipfast.distributed.clip_loss
+    siglip  open_clip SigLipLoss (bidir) | pyclipfast.SigLipLoss | pyclipfast.distributed.siglip_loss
+
+    python -m benchmarks.bench_distributed                      # N=16384 D=256, W = 2 and 4, both losses
+    python -m benchmarks.bench_distributed --n 2048 --worlds 2 --losses clip --repeat 1 --no-write
+
+Results go to benchmarks/results/<machine>/distributed.json, and the table into the block between
+the markers of distributed.md next to it (the rest of that file is prose kept by hand).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from benchmarks.hardware import device_slug, machine_info
+from benchmarks.memory import malloc_trim, proc_status_bytes, reset_peak_rss
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BEGIN, END = "<!-- bench_distributed:begin -->", "<!-- bench_distributed:end -->"
+SCALE, BIAS, WARMUP_ROWS = 14.3, -10.0, 64
+IMPLEMENTATIONS = ("open_clip", "pyclipfast", "pyclipfast.distributed")
+
+
+def _loss_fn(loss: str, implementation: str, rank: int, world: int) -> Callable:
+    """(image, text, scale, bias) -> loss for one rank."""
+    import pyclipfast as pcf
+    from pyclipfast import distributed as pcd
+
+    if implementation == "open_clip":
+        from open_clip import loss as oc
+        module = (oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world) if loss == "clip"
+                  else oc.SigLipLoss(rank=rank, world_size=world))
+    elif implementation == "pyclipfast":
+        module = (pcf.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend="torch")
+                  if loss == "clip" else pcf.SigLipLoss(rank=rank, world_size=world, backend="torch"))
+    elif loss == "clip":
+        return lambda a, b, s, bias: pcd.clip_loss(a, b, s, backend="torch")
+    else:
+        return lambda a, b, s, bias: pcd.siglip_loss(a, b, s, bias, backend="torch")
+    return (lambda a, b, s, bias: module(a, b, s)) if loss == "clip" else module
+
+
+def _rank(rank: int, world: int, loss: str, implementation: str, args: argparse.Namespace, rendezvous: str,
+          out_dir: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=20))
+    fn = _loss_fn(loss, implementation, rank, world)
+    g = torch.Generator().manual_seed(rank)
+    image, text = (F.normalize(torch.randn(args.n // world, args.d, generator=g), dim=-1) for _ in range(2))
+
+    def step(rows: int) -> float:
+        a, b = image[:rows].clone().requires_grad_(), text[:rows].clone().requires_grad_()
+        scale, bias = torch.tensor(SCALE, requires_grad=True), torch.tensor(BIAS, requires_grad=True)
+        value = fn(a, b, scale, bias)
+        value.backward()
+        return float(value.detach())
+
+    step(WARMUP_ROWS)
+    times, peaks = [], []
+    for _ in range(args.repeat):
+        gc.collect()
+        malloc_trim()
+        base = proc_status_bytes("VmRSS")
+        reset_peak_rss()
+        dist.barrier()
+        start = time.perf_counter()
+        value = step(image.shape[0])
+        times.append(time.perf_counter() - start)
+        peaks.append(proc_status_bytes("VmHWM") - base)
+    dist.destroy_process_group()
+    result = dict(seconds=min(times), extra_peak_bytes=max(peaks), vm_hwm_bytes=proc_status_bytes("VmHWM"),
+                  loss=value, threads=torch.get_num_threads())
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def run_case(loss: str, implementation: str, world: int, args: argparse.Namespace) -> Dict:
+    """Spawn `world` ranks for one implementation; the slowest rank's time, the largest peak."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank, args=(world, loss, implementation, args, os.path.join(out_dir, "rendezvous"), out_dir),
+                 nprocs=world)
+        ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+    return dict(loss=loss, implementation=implementation, world_size=world, n_global=args.n,
+                rows_per_rank=args.n // world, dim=args.d, dtype="float32", threads_per_rank=ranks[0]["threads"],
+                seconds=max(r["seconds"] for r in ranks),
+                extra_peak_bytes_per_rank=max(r["extra_peak_bytes"] for r in ranks),
+                vm_hwm_bytes_per_rank=max(r["vm_hwm_bytes"] for r in ranks),
+                loss_rank0=ranks[0]["loss"])
+
+
+def markdown_table(results: List[Dict]) -> str:
+    lines = ["| loss | W | n per rank | implementation | time (s, slowest rank) | extra peak per rank (MiB) "
+             "| vs open_clip (time, memory) | loss on rank 0 |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in results:
+        base = next(b for b in results if b["loss"] == r["loss"] and b["world_size"] == r["world_size"]
+                    and b["implementation"] == "open_clip")
+        ratio = (f"{r['seconds'] / base['seconds']:.2f}×, "
+                 f"{100 * r['extra_peak_bytes_per_rank'] / base['extra_peak_bytes_per_rank']:.1f}%")
+        lines.append(f"| {r['loss']} | {r['world_size']} | {r['rows_per_rank']} | {r['implementation']} "
+                     f"| {r['seconds']:.2f} | {r['extra_peak_bytes_per_rank'] / 2**20:.1f} | {ratio} "
+                     f"| {r['loss_rank0']:.6f} |")
+    return "\n".join(lines)
+
+
+def write(results: List[Dict], info: Dict, args: argparse.Namespace) -> Path:
+    folder = RESULTS / device_slug(info)
+    folder.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.bench_distributed " + " ".join(sys.argv[1:])
+    (folder / "distributed.json").write_text(json.dumps(
+        dict(command=command.strip(), machine=info, torch=torch.__version__, results=results), indent=2) + "\n")
+    block = (f"{BEGIN}\n`{command.strip()}` — {info['cpu_cores']} cores, load average before the run "
+             f"{info['load_average'][0]:.1f}, gloo on loopback, fp32, D={args.d}, best of {args.repeat}.\n\n"
+             f"{markdown_table(results)}\n{END}")
+    md = folder / "distributed.md"
+    text = md.read_text() if md.exists() else f"# torch.distributed on {device_slug(info)}\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    md.write_text(head + block + rest.split(END, 1)[1])
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=16384, help="global batch size")
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--losses", nargs="+", choices=("clip", "siglip"), default=["clip", "siglip"])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    if any(args.n % w for w in args.worlds):
+        parser.error(f"--n {args.n} must divide by every world size {args.worlds}")
+    info = machine_info("cpu")
+    results = []
+    for loss in args.losses:
+        for world in args.worlds:
+            for implementation in IMPLEMENTATIONS:
+                results.append(run_case(loss, implementation, world, args))
+                r = results[-1]
+                print(f"{loss:6s} W={world} {implementation:24s} {r['seconds']:8.2f} s "
+                      f"{r['extra_peak_bytes_per_rank'] / 2**20:9.1f} MiB/rank  loss {r['loss_rank0']:.6f}",
+                      flush=True)
+    print(markdown_table(results))
+    if not args.no_write:
+        print(f"written to {write(results, info, args)}")
+
+
+if __name__ == "__main__":
+    main()
