@@ -1,7 +1,9 @@
 """The machine a run happens on: what it is, what software, and its measured ceilings.
 
-Ceilings are measured in the same run, on the same device, so fractions of
-peak compare like with like:
+Ceilings are measured in the same run, on the same device, at its start and
+at its end; the better of the two is used (on a shared machine a ceiling taken
+during a burst of load would understate the hardware), so fractions of peak
+compare like with like:
 
     dense GEMM rate   torch.mm of two random square matrices in the case's dtype
                       (2·S³ FLOPs per call; S = 8192 on CUDA, 2048 on the CPU)
@@ -85,6 +87,13 @@ def measure_ceilings(device: str, dtypes: List[torch.dtype], *, gemm_size: Optio
     copy = {"gbps": 2.0 * nbytes / (t.median_ms * 1e-3) / 1e9, "bytes_per_call": 2 * nbytes, "timing": t.to_dict()}
     return {"gemm": gemm, "copy": copy,
             "tf32": bool(device == "cuda" and torch.backends.cuda.matmul.allow_tf32)}
+
+
+def best_ceilings(first: dict, second: dict) -> dict:
+    """Per dtype and for the copy, the measurement with the higher rate (each keeps its timing)."""
+    gemm = {k: max(first["gemm"][k], second["gemm"][k], key=lambda g: g["tflops"]) for k in first["gemm"]}
+    copy = max(first["copy"], second["copy"], key=lambda c: c["gbps"])
+    return {"gemm": gemm, "copy": copy, "tf32": first["tf32"], "rule": "best of the start and end measurements"}
 
 
 def _time_gemm(device: str, dtype: torch.dtype, size: int) -> Timing:

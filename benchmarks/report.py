@@ -1,7 +1,8 @@
 """Figures derived from the raw measurements, and the JSON and markdown outputs.
 
 Per case (median time t, SPEC minimum FLOPs F and bytes B, ceilings measured
-in the same run: dense GEMM rate R in the case's dtype, copy bandwidth W):
+in the same run, the better of its start and end: dense GEMM rate R in the
+case's dtype, copy bandwidth W):
 
     TFLOP/s    = F / t                  % GEMM  = (F / t) / R
     GB/s       = B / t                  % copy  = (B / t) / W
@@ -127,7 +128,7 @@ def _header(record: dict) -> str:
     if m["device"] == "cuda":
         where = f"{m['name']}, {m['sm_count']} SMs, {m['gpu_memory_bytes'] / 2**30:.0f} GiB (driver {m.get('driver')})"
     else:
-        where = f"{m['cpu_model']}, {m['cpu_cores']} cores, {m['torch_threads']} torch threads"
+        where = f"{m['cpu_model']}, {m['cpu_cores']} cores, torch threads: {record['settings'].get('threads')}"
     load = f"load average {_loads(m['load_average'])} at start, {_loads(record.get('load_average_end'))} at end"
     if was_busy(m, record.get("load_average_end")):
         load += (f" — **the machine was busy with other work during this run** (more runnable tasks than its "
@@ -141,7 +142,8 @@ def _header(record: dict) -> str:
         f"- Machine: {where}; {load}" + (f". Note: {record['note']}" if record.get("note") else ""),
         f"- Software: Python {v['python']}, torch {v['torch']}, triton {v['triton']}, pyclipfast {v['pyclipfast']} "
         f"at {v['git_commit'][:12] or 'unknown commit'}{dirty}; peers: {peers}",
-        f"- Ceilings measured in this run: dense GEMM {gemm}; copy {_num(c['copy']['gbps'])} GB/s (read + write)"
+        f"- Ceilings measured in this run (best of its start and end): dense GEMM {gemm}; "
+        f"copy {_num(c['copy']['gbps'])} GB/s (read + write)"
         + ("; TF32 on" if c.get("tf32") else ""),
         f"- Suite: {record['suite_description']}",
         "- Timed call: forward + gradients of every input that needs one (metrics: forward only). Time: median "

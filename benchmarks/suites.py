@@ -211,6 +211,8 @@ def _ratio_goal(kind: str, limit: float) -> Callable[[dict], dict]:
 def _completes_65k(record: dict) -> dict:
     mine = find(record, "clip", "pcf-torch", 65536, 128, "float32")
     theirs = find(record, "clip", "open_clip", 65536, 128, "float32")
+    if mine is None:
+        return goal_result("issue2-65k", "", None, "n/a", "completes", "pcf-torch at N=65,536 D=128 was not run")
     if not _ok(mine):
         return goal_result("issue2-65k", "", False, "did not complete", "completes", _why(mine, "pcf-torch"))
     other = "open_clip: not run" if theirs is None else f"open_clip: {theirs['status']} {theirs.get('message', '')}"
