@@ -3,9 +3,11 @@
 # not built, check that pyclipfast sees the GPU, run one part of the benchmarks, and leave the results
 # under $OUT (a tarball of benchmarks/results/<device>/ plus the logs: at most 4 files).
 #
-#   bash benchmarks/gpu_bench.sh PART      PART = goals | max-batch | quick | full | full-clip-siglip | full-rest
+#   bash benchmarks/gpu_bench.sh PART
 #
-#   goals       gpu-goals, speed and memory groups (InfoNCE vs open_clip / Inf-CL, SigLIP 65k, memory at 65k)
+#   speed       gpu-goals "speed": InfoNCE N=32k vs open_clip (eager, compiled) and Inf-CL; SigLIP N=64k
+#   memory      gpu-goals "memory": every loss at N=64k, D=768, bf16 on the fused backends
+#   goals       speed and memory in one command (if the build is already done)
 #   max-batch   gpu-goals, largest batch at D=768 (each trial at N ≥ 4M runs for minutes)
 #   quick       the quick suite (every op and implementation at N = 4k, 16k, 64k)
 #   full        the full suite (longer than one 10-minute command: use the two halves below)
@@ -15,7 +17,8 @@
 # `python -m benchmarks plot`).
 #
 # With the device tool, from the repository root here (after `bash benchmarks/peer_wheels.sh`):
-#   run(command="bash benchmarks/gpu_bench.sh goals", carry=[".wheels"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_bench.sh speed", carry=[".wheels"], timeout_s=600)
+# then, while the machine is still warm (30 s; it keeps the built extension), the other parts.
 # then unpack the tarball here: tar xzf <files_at>/results.tgz -C benchmarks/results
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +65,8 @@ run_part() {
     local bench=(timeout "$left" "$PY" -m benchmarks run --device cuda
                  --note "lent GPU machine (device tool); gpu_bench.sh part $PART")
     case "$PART" in
+        speed) "${bench[@]}" --suite gpu-goals --goals speed --name gpu-goals-speed ;;
+        memory) "${bench[@]}" --suite gpu-goals --goals memory --name gpu-goals-memory ;;
         goals) "${bench[@]}" --suite gpu-goals --goals speed,memory --name gpu-goals ;;
         max-batch) "${bench[@]}" --suite gpu-goals --goals max-batch --name gpu-goals-max-batch ;;
         quick) "${bench[@]}" --suite quick ;;
