@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     from . import hardware
     from .report import goal_lines, write_json, write_markdown
-    from .runner import RunOptions, Runner
+    from .runner import Runner, RunOptions
 
     device = args.device or _default_device()
     filtered = any(x is not None for x in (args.only, args.impls, args.n, args.d, args.dtype, args.goals))

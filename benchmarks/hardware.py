@@ -62,6 +62,7 @@ def device_slug(info: dict) -> str:
 def versions() -> dict:
     """Python, torch, triton, numpy, the peers and pyclipfast's commit (with uncommitted files listed)."""
     import numpy
+
     import pyclipfast
 
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,

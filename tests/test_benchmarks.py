@@ -16,10 +16,10 @@ import torch
 from benchmarks import registry
 from benchmarks.__main__ import main as bench_main
 from benchmarks.cases import CaseSpec, input_sets, make_step, value_of
+from benchmarks.hardware import device_slug
 from benchmarks.maxbatch import largest_batch
 from benchmarks.memory import ProbeResult, ProbeWorker
 from benchmarks.registry import Impl, Op, Shape
-from benchmarks.hardware import device_slug
 from benchmarks.report import derive_all, figures, markdown, was_busy
 from benchmarks.suites import build_suite, find
 from benchmarks.timing import Timing, time_interleaved_cpu

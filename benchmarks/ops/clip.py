@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-
 from ..registry import Context, Impl, Op, register
 from ._common import CLIP_LOG_SCALE, compile_on_cuda_only, compiled, contrastive_inputs, pyclipfast_impls
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from ..registry import Context, Impl, Op, register
 from ._common import (
-    SIGLIP_BIAS, SIGLIP_LOG_SCALE, compile_on_cuda_only, compiled, contrastive_inputs, cuda_only, pyclipfast_impls,
+    SIGLIP_BIAS,
+    SIGLIP_LOG_SCALE,
+    compile_on_cuda_only,
+    compiled,
+    contrastive_inputs,
+    cuda_only,
+    pyclipfast_impls,
 )
 
 
