@@ -229,6 +229,7 @@ def _worker(rank: int, world: int, seed: int, rendezvous: str, out_dir: str) -> 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     warnings.filterwarnings("ignore", category=FutureWarning)  # open_clip's deprecated torch.distributed.nn
+    torch.set_num_threads(1)  # more ranks than cores: idle OpenMP threads would spin on the busy ones' cores
     from pyclipfast.chunked import _tiles
     _tiles.TILE_ROWS, _tiles.TILE_COLS = 32, 48  # as in conftest: small shapes still span ragged tiles
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
