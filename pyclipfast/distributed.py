@@ -490,7 +490,7 @@ def distill_module_loss(module, image_features: torch.Tensor, text_features: tor
     against all gathered columns (labels offset by rank):
 
         contrastive = ½[CE(s·A_r·B_allᵀ) + CE(s·B_r·A_allᵀ)]
-        distill     = ½[mean_i CE(softmax(t·Tᵃ_r·Tᵇ_allᵀ)_i, softmax(s·A_r·B_allᵀ)_i) + (text rows likewise)]
+        distill     = ½[mean_i CE(softmax(t·Tᵃ_r·Tᵇ_allᵀ)_i, softmax(s·A_r·B_allᵀ)_i) + (texts alike)]
     """
     _check_module(module)
     for name, x in (("image_features", image_features), ("text_features", text_features),
@@ -515,7 +515,7 @@ def distill_module_loss(module, image_features: torch.Tensor, text_features: tor
 def _distill_rows(queries: torch.Tensor, keys: torch.Tensor, teacher_queries: torch.Tensor,
                   teacher_keys: torch.Tensor, logit_scale, teacher_scale, labels: torch.Tensor,
                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows only: mean_i CE(s·Q·Kᵀ, labels) and mean_i −Σ_j softmax(t·T_Q·T_Kᵀ)_ij log softmax(s·Q·Kᵀ)_ij.
+    """Rows only: mean_i CE(s·Q·Kᵀ, labels), mean_i −Σ_j softmax(t·T_Q·T_Kᵀ)_ij log softmax(s·Q·Kᵀ)_ij.
 
     The fused distillation statistics of (local rows × gathered columns); only the row statistics
     are used, so no column gradient is formed.
