@@ -69,7 +69,7 @@ def versions() -> dict:
            "numpy": numpy.__version__, "triton": _dist_version("triton"), "pyclipfast": pyclipfast.__version__}
     out["peers"] = {module: _dist_version(dist) for module, dist in PEER_DISTRIBUTIONS.items()}
     out["git_commit"] = _git("rev-parse", "HEAD").strip()
-    dirty = _git("status", "--porcelain", "--", "pyclipfast", "csrc", "benchmarks")
+    dirty = _git("status", "--porcelain", "--", "pyclipfast", "csrc", "benchmarks", ":!benchmarks/results")
     out["git_uncommitted"] = [line[3:] for line in dirty.splitlines() if len(line) > 3]
     return out
 

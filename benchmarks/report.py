@@ -211,8 +211,9 @@ def _max_batch_table(rows: List[dict]) -> str:
         trials = ", ".join(f"{t['n']}: {t['status']}" + (f" {t['elapsed_s']:.1f}" if t["elapsed_s"] else "")
                            for t in m["trials"])
         cap = f" (cap {m['cap_bytes'] / 1e9:.0f} GB)" if m.get("cap_bytes") else ""
+        failed = _int(m["smallest_failed"]) or "none tried"
         out.append(f"| {m['op']} | {m['impl']} | {m['dtype']} | {m['d']} | {_int(m['largest_ok'])} | "
-                   f"{_int(m['smallest_failed'])}{cap} | {_escape(m['stop_reason'])} | {trials} |")
+                   f"{failed}{cap} | {_escape(m['stop_reason'])} | {trials} |")
     return "\n".join(out)
 
 
