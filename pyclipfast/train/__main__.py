@@ -1,0 +1,34 @@
+"""`python -m pyclipfast.train` / `pyclipfast-train`: train a CLIP model with pyclipfast's losses.
+
+    python -m pyclipfast.train --preset cpu-demo          # a few minutes on a CPU, built-in data
+    python -m pyclipfast.train --train-data data.csv --csv-img-key filepath --csv-caption-key title \\
+        --model ViT-B-32 --batch-size 16384 --chunk-size 512 --precision bf16
+    torchrun --nproc-per-node 8 -m pyclipfast.train --preset gpu --batch-size 262144
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from .config import UsageError, build_parser, parse_args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_args(argv)
+    from .loop import train  # after parsing: --help and bad flags answer without importing torch models
+    from .report import summary_table
+
+    try:
+        result = train(cfg)
+    except UsageError as error:  # a setting or a data path the run cannot use: name it, no traceback
+        build_parser().error(str(error))
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint is intact (continue with --resume auto)", file=sys.stderr)
+        return 130
+    print()
+    print(summary_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

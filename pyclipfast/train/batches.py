@@ -1,0 +1,192 @@
+"""Training batches: the built-in synthetic scenes or real data, tokenized, sharded and resumable.
+
+    data = build_train_data(cfg, tokenizer, image_size, runtime)
+    for batch in data.epoch(epoch, start=k):     # this rank's batches of `epoch`, from batch k on
+        batch.images, batch.tokens, batch.image_ids, batch.text_ids
+
+The order of an epoch is a pure function of (seed, epoch) and the batches are cut from it
+before they are split over the ranks, so a run resumed at (epoch, k) sees exactly the batches
+an uninterrupted run would have seen, and every rank's shard is disjoint from the others'.
+Webdataset shards are streamed (split over ranks and workers by webdataset); resuming replays
+the epoch's stream up to batch k.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from .config import TrainConfig, UsageError
+from .data import (
+    CsvCaptions, ResizeCropNormalize, SyntheticClipDataset, SyntheticScenes, WebDatasetCaptions, collate_clip,
+)
+from .runtime import Runtime
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+class TokenizedBatch(NamedTuple):
+    """Images (B, 3, H, W), tokens (T, L), and positive ids (None: text i belongs to image i)."""
+
+    images: torch.Tensor
+    tokens: torch.Tensor
+    image_ids: Optional[torch.Tensor]
+    text_ids: Optional[torch.Tensor]
+
+    def to(self, device: torch.device) -> "TokenizedBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TokenizedBatch(*(move(t) for t in self))
+
+
+class SyntheticCollate:
+    """collate_clip, then the tokenizer: ids are the dataset indices (several captions → several positives)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples) -> TokenizedBatch:
+        batch = collate_clip(samples)
+        return TokenizedBatch(batch.images, self.tokenizer(batch.texts), batch.image_ids, batch.text_ids)
+
+
+class PairCollate:
+    """(image tensor, caption) pairs of real data: one caption per image, the diagonal positives."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: Sequence[tuple[torch.Tensor, str]]) -> TokenizedBatch:
+        images = torch.stack([image for image, _ in samples])
+        return TokenizedBatch(images, self.tokenizer([caption for _, caption in samples]), None, None)
+
+
+class EpochBatches(Sampler[list[int]]):
+    """This rank's index batches of one epoch, from batch `start` on.
+
+    The epoch is a permutation of range(size) drawn from (seed, epoch), cut into global batches
+    of `batch_size` (the incomplete last one is dropped); rank r takes the r-th of `world_size`
+    equal slices of each.
+    """
+
+    def __init__(self, size: int, batch_size: int, *, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise UsageError(f"--batch-size {batch_size} must be divisible by the number of processes {world_size}")
+        if size < batch_size:
+            raise UsageError(f"--batch-size {batch_size} is larger than the training set ({size} samples)")
+        self.size, self.batch_size, self.seed, self.epoch = size, batch_size, seed, epoch
+        self.start, self.rank, self.per_rank = start, rank, batch_size // world_size
+
+    def __len__(self) -> int:
+        return max(0, self.size // self.batch_size - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        for batch in range(self.start, self.size // self.batch_size):
+            first = batch * self.batch_size + self.rank * self.per_rank
+            yield order[first:first + self.per_rank].tolist()
+
+
+@dataclass
+class TrainData:
+    """Resumable epochs of tokenized batches for one rank."""
+
+    dataset: Dataset
+    collate: Callable[[Any], TokenizedBatch]
+    batch_size: int
+    runtime: Runtime
+    seed: int
+    workers: int
+
+    @property
+    def batches_per_epoch(self) -> Optional[int]:
+        """Global batches in one epoch (None for a stream of unknown length)."""
+        return None if isinstance(self.dataset, IterableDataset) else len(self.dataset) // self.batch_size
+
+    @property
+    def skipped(self) -> int:
+        """Unreadable samples skipped so far (real data), over all DataLoader workers of this rank."""
+        counter = getattr(self.dataset, "skipped", None)
+        return 0 if counter is None else counter.value
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[TokenizedBatch]:
+        """This rank's batches of `epoch`, from batch `start` on."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        # The loader's own generator seeds its workers: creating it must not draw from the global
+        # RNG, or a run resumed mid-epoch would drift from the uninterrupted one.
+        common = dict(collate_fn=self.collate, num_workers=self.workers,
+                      pin_memory=self.runtime.device.type == "cuda",
+                      generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        if isinstance(self.dataset, IterableDataset):
+            loader = DataLoader(self.dataset, batch_size=self.batch_size // self.runtime.world_size,
+                                drop_last=True, **common)
+            batches = iter(loader)
+            for _ in range(start):  # replay the stream up to where the interrupted run stopped
+                next(batches, None)
+            yield from batches
+            return
+        sampler = EpochBatches(len(self.dataset), self.batch_size, seed=self.seed, epoch=epoch, start=start,
+                               rank=self.runtime.rank, world_size=self.runtime.world_size)
+        yield from DataLoader(self.dataset, batch_sampler=sampler, **common)
+
+
+def dataset_type(cfg: TrainConfig) -> str:
+    """The kind of training data: synthetic, csv or webdataset."""
+    if cfg.dataset_type != "auto":
+        return cfg.dataset_type
+    if cfg.train_data is None:
+        return "synthetic"
+    return "webdataset" if ".tar" in cfg.train_data or "::" in cfg.train_data else "csv"
+
+
+def _real_dataset(path: str, kind: str, cfg: TrainConfig, image_size: int, flag: str) -> Dataset:
+    """A CsvCaptions or WebDatasetCaptions reader; errors name the flag they come from."""
+    transform = ResizeCropNormalize(image_size)
+    try:
+        if kind == "csv":
+            return CsvCaptions(path, transform, sep=cfg.csv_separator, img_key=cfg.csv_img_key,
+                               caption_key=cfg.csv_caption_key)
+        return WebDatasetCaptions(path, transform, shuffle_buffer=1_000 if flag == "--train-data" else 0,
+                                  seed=cfg.seed)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        message = str(error)
+        for argument, option in (("img_key", "--csv-img-key"), ("caption_key", "--csv-caption-key")):
+            message = message.replace(f"{argument}:", f"{option}:")
+        raise UsageError(f"{flag} {path!r}: {message}") from error
+
+
+def synthetic_split(cfg: TrainConfig, split: str, image_size: int) -> SyntheticScenes:
+    """The synthetic split used for training ("train") or evaluation ("val")."""
+    size = cfg.train_size if split == "train" else cfg.val_size
+    return SyntheticScenes(split, size, seed=cfg.seed, image_size=image_size, cache_images=split == "val")
+
+
+def build_train_data(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int, runtime: Runtime) -> TrainData:
+    """The training batches of `cfg`: synthetic scenes by default, else the CSV or shards of --train-data."""
+    kind = dataset_type(cfg)
+    if kind == "synthetic":
+        dataset = SyntheticClipDataset(synthetic_split(cfg, "train", image_size), captions=cfg.caption)
+        collate = SyntheticCollate(tokenizer)
+    else:
+        dataset = _real_dataset(cfg.train_data, kind, cfg, image_size, "--train-data")
+        collate = PairCollate(tokenizer)
+    if cfg.batch_size % runtime.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
+                         f"{runtime.world_size}")
+    if not isinstance(dataset, IterableDataset) and len(dataset) < cfg.batch_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(dataset)} samples)")
+    return TrainData(dataset, collate, cfg.batch_size, runtime, cfg.seed, cfg.workers)
+
+
+def real_val_pairs(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int) -> Optional[DataLoader]:
+    """Batches of the --val-data pairs for retrieval evaluation (None without --val-data)."""
+    if cfg.val_data is None:
+        return None
+    kind = "webdataset" if ".tar" in cfg.val_data or "::" in cfg.val_data else "csv"
+    dataset = _real_dataset(cfg.val_data, kind, cfg, image_size, "--val-data")
+    return DataLoader(dataset, batch_size=256, collate_fn=PairCollate(tokenizer), num_workers=cfg.workers)

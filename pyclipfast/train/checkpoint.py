@@ -1,0 +1,145 @@
+"""Checkpoints: written atomically, holding everything a resumed run needs to follow the same trajectory.
+
+A checkpoint stores the model, optimizer and scheduler states, the progress (step, epoch,
+batches done in the epoch), the RNG states of torch (CPU and CUDA), numpy and python, and the
+configuration. It is written to a temporary file in the destination's directory, flushed and
+fsync'ed, then renamed over the destination with os.replace: a reader sees the old checkpoint
+or the new one, never a partial file, and a failure mid-write leaves the old one untouched.
+Everything in it loads with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+import torch
+
+from .config import UsageError
+
+PathLike = Union[str, os.PathLike]
+# Settings that change the training trajectory: a resumed run must use the checkpoint's values.
+TRAJECTORY_KEYS = ("model", "pretrained", "loss", "train_data", "dataset_type", "train_size", "caption",
+                   "batch_size", "seed", "lr", "weight_decay", "warmup", "beta1", "beta2", "eps", "grad_clip",
+                   "precision")
+
+
+@dataclass
+class Progress:
+    """Where training is: optimizer steps done, the current epoch and the batches of it consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it to `path`.
+
+    On any exception the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of every generator the trainer draws from, as tensors and plain Python values."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state(legacy=True)
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                  "has_gauss": has_gauss, "cached_gauss": cached_gauss},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"],
+                         n["cached_gauss"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, progress: Progress, config: dict[str, Any]) -> None:
+    """Write a resumable checkpoint to `path` atomically."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "progress": asdict(progress),
+        "rng": rng_states(),
+        "config": config,
+    }
+    atomic_write(path, lambda file: torch.save(state, file))
+
+
+def load_checkpoint(path: PathLike, device: torch.device) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (tensors mapped to `device`, RNG states to the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: say which, do not guess
+        raise UsageError(f"--resume: {path} is not a readable pyclipfast checkpoint ({error})") from error
+    missing = {"model", "optimizer", "scheduler", "progress", "rng", "config"} - set(state)
+    if missing:
+        raise UsageError(f"--resume: {path} is not a pyclipfast trainer checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise UsageError naming the first trajectory setting that differs from the checkpoint's."""
+    for key in TRAJECTORY_KEYS:
+        if saved.get(key) != current.get(key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"--resume: the checkpoint was trained with {flag} {saved.get(key)!r}, this run has "
+                             f"{current.get(key)!r}; resume with the same value")
+
+
+def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any) -> Progress:
+    """Load the states into the model, optimizer and scheduler, set the RNGs, return the progress."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_states(state["rng"])
+    return Progress(**state["progress"])

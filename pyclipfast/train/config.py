@@ -1,0 +1,240 @@
+"""Trainer configuration: the TrainConfig dataclass, the presets and the command line.
+
+Every field is one flag (`batch_size` ↔ `--batch-size`). A preset fills in defaults; flags given
+on the command line win over it:
+
+    python -m pyclipfast.train --preset cpu-demo                 # the README's demo
+    python -m pyclipfast.train --preset cpu-demo --steps 20      # a shorter demo
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from .data import CAPTION_MODES
+
+LOSSES = ("clip", "siglip")
+BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+DATASET_TYPES = ("auto", "synthetic", "csv", "webdataset")
+CAPTIONS = CAPTION_MODES + ("all",)
+
+
+class UsageError(ValueError):
+    """A setting (or the data it points to) that a run cannot use; the message names the flag."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (see `--help` for each field)."""
+
+    # model
+    model: str = "pcf-tiny-48"
+    pretrained: Optional[str] = None
+    loss: str = "clip"
+    backend: str = "auto"
+    precision: str = "fp32"
+    device: str = "auto"
+    threads: Optional[int] = None
+    # data
+    train_data: Optional[str] = None
+    val_data: Optional[str] = None
+    dataset_type: str = "auto"
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_separator: str = "\t"
+    train_size: int = 20_000
+    val_size: int = 1_000
+    caption: str = "short"
+    workers: int = 0
+    # optimisation
+    batch_size: int = 256
+    chunk_size: Optional[int] = None
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 10
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: Optional[float] = None
+    seed: int = 0
+    # evaluation, logging, checkpoints
+    output_dir: str = "runs/pyclipfast"
+    eval_every: int = 0
+    eval_at_start: bool = True
+    log_every: int = 1
+    save_every: int = 0
+    resume: Optional[str] = None
+    stop_at: Optional[int] = None
+    progress: bool = True
+    plots: bool = True
+    compare_memory: bool = False
+    preset: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The README's main command: a small model on the built-in data, on a CPU, in a few minutes.
+    # The batch is encoded in chunks of 128 (gradient caching), the loss sees all 512 at once.
+    "cpu-demo": dict(
+        model="pcf-tiny-48", device="cpu", precision="fp32", loss="clip", caption="short",
+        train_size=20_000, val_size=500, batch_size=512, chunk_size=128, steps=70, lr=2e-3,
+        warmup=10, weight_decay=0.1, eval_every=0, log_every=1, save_every=10,
+        output_dir="runs/cpu-demo", compare_memory=True,
+    ),
+    # A larger model and batch for one GPU (≈ 80 GB): 32768 pairs per step in chunks of 4096, bf16.
+    # Rendering the synthetic images is CPU work: give the loader the machine's cores (--workers).
+    "gpu": dict(
+        model="pcf-small-64", device="cuda", precision="bf16", loss="clip", caption="all",
+        train_size=1_000_000, val_size=5_000, batch_size=32_768, chunk_size=4_096, steps=2_000, lr=1e-3,
+        warmup=100, weight_decay=0.1, workers=12, eval_every=250, log_every=10, save_every=250,
+        output_dir="runs/gpu", compare_memory=True,
+    ),
+}
+
+_HELP: dict[str, str] = {
+    "model": "open_clip architecture name, a shipped config (pcf-micro-32, pcf-tiny-48, pcf-tiny-64, "
+             "pcf-small-64) "
+             "or the path of a model-config .json",
+    "pretrained": "open_clip pretrained tag or checkpoint file (default: random initialisation)",
+    "loss": "contrastive loss",
+    "backend": "pyclipfast backend for the loss and the retrieval metrics",
+    "precision": "fp32, or bf16 autocast (weights stay fp32)",
+    "device": "auto: CUDA if available, else CPU",
+    "threads": "torch CPU threads (default: torch's choice, or 1 for a CPU run on a machine already busy)",
+    "train_data": "CSV file (open_clip format) or webdataset shards ('shards/{000..009}.tar'); "
+                  "default: the built-in synthetic scenes",
+    "val_data": "CSV or shards for retrieval evaluation (default with --train-data: none; "
+                "synthetic training always evaluates on the synthetic val split)",
+    "dataset_type": "auto: synthetic without --train-data, webdataset for .tar patterns, else csv",
+    "csv_img_key": "CSV column with the image paths",
+    "csv_caption_key": "CSV column with the captions",
+    "csv_separator": "CSV field separator",
+    "train_size": "synthetic train split size",
+    "val_size": "synthetic val split size",
+    "caption": "synthetic captions: short, detailed, sentences (a random subset of the detailed "
+               "caption's sentences, redrawn each epoch) or all (short and detailed, both positives "
+               "of their image)",
+    "workers": "DataLoader worker processes",
+    "batch_size": "global batch size (image–caption pairs per step, over all processes)",
+    "chunk_size": "encode at most this many inputs at once (gradient caching); memory grows with the "
+                  "chunk, not the batch. Default: the whole per-process batch",
+    "steps": "optimizer steps",
+    "lr": "peak learning rate (AdamW; linear warmup, cosine decay to 0)",
+    "weight_decay": "AdamW weight decay (not on gains, biases and the logit scale/bias)",
+    "warmup": "warmup steps",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon",
+    "grad_clip": "clip the global gradient norm to this value",
+    "seed": "seed of the model initialisation, the data order and the synthetic data",
+    "output_dir": "where checkpoint.pt, metrics.jsonl and the plots go",
+    "eval_every": "evaluate every this many steps (0: only at the start and the end)",
+    "eval_at_start": "evaluate the untrained model before the first step",
+    "log_every": "log training metrics every this many steps",
+    "save_every": "write the checkpoint every this many steps (0: only at the end)",
+    "resume": "continue from this checkpoint ('auto': OUTPUT_DIR/checkpoint.pt); the run then follows "
+              "the uninterrupted trajectory exactly",
+    "stop_at": "stop after this step and save a checkpoint, as if interrupted (resume with --resume)",
+    "progress": "show a progress bar",
+    "plots": "write loss.png and metrics.png",
+    "compare_memory": "measure the peak memory of the loss against open_clip's at the batch size "
+                      "(and at 8192 on a CPU)",
+    "preset": "a set of defaults: " + ", ".join(PRESETS),
+}
+_CHOICES: dict[str, Sequence[str]] = {
+    "loss": LOSSES, "backend": BACKENDS, "precision": PRECISIONS, "device": DEVICES,
+    "dataset_type": DATASET_TYPES, "caption": CAPTIONS, "preset": tuple(PRESETS),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _optional(kind: type):
+    """argparse type for an Optional field: 'none' → None."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m pyclipfast.train`, one flag per TrainConfig field."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pyclipfast.train",
+        description="Train a CLIP model with pyclipfast's fused losses and gradient caching.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for field in dataclasses.fields(TrainConfig):
+        flag, default, help_text = _flag(field.name), field.default, _HELP[field.name]
+        if field.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        base = {"int": int, "float": float, "str": str}
+        kind = field.type.removeprefix("Optional[").removesuffix("]")
+        parse = base[kind] if not field.type.startswith("Optional") else _optional(base[kind])
+        parser.add_argument(flag, type=parse, default=default, choices=_CHOICES.get(field.name), help=help_text)
+    return parser
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise UsageError naming the flag of the first invalid setting."""
+    for name, choices in _CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in choices and not (name == "preset" and value is None):
+            raise UsageError(f"{_flag(name)} must be one of {', '.join(choices)}; got {value!r}")
+    positive = ("batch_size", "steps", "train_size", "val_size", "log_every", "lr", "eps")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"{_flag(name)} must be positive; got {getattr(cfg, name)}")
+    for name in ("workers", "warmup", "eval_every", "save_every", "weight_decay", "seed"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"{_flag(name)} must be >= 0; got {getattr(cfg, name)}")
+    if cfg.threads is not None and cfg.threads <= 0:
+        raise UsageError(f"--threads must be positive; got {cfg.threads}")
+    if cfg.chunk_size is not None and cfg.chunk_size <= 0:
+        raise UsageError(f"--chunk-size must be positive; got {cfg.chunk_size}")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise UsageError(f"--grad-clip must be positive; got {cfg.grad_clip}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise UsageError(f"{_flag(name)} must be in [0, 1); got {getattr(cfg, name)}")
+    if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
+        raise UsageError(f"--stop-at must be in [1, --steps={cfg.steps}]; got {cfg.stop_at}")
+    if cfg.train_data is None and cfg.dataset_type in ("csv", "webdataset"):
+        raise UsageError(f"--dataset-type {cfg.dataset_type} needs --train-data")
+    if cfg.train_data is not None and cfg.dataset_type == "synthetic":
+        raise UsageError("--train-data cannot be used with --dataset-type synthetic")
+    if cfg.train_data is not None and cfg.caption != "short":
+        raise UsageError("--caption applies to the built-in synthetic data only (real data has one caption per image)")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Parse the command line (preset defaults first, explicit flags over them); exit on a bad flag."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.preset is not None:
+        parser.set_defaults(**PRESETS[first.preset])
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    try:
+        check_config(cfg)
+    except UsageError as error:
+        parser.error(str(error))
+    return cfg
+
+
+def preset_config(name: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a preset with fields overridden (the Python equivalent of the command line)."""
+    if name not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}; got {name!r}")
+    cfg = TrainConfig(**{**PRESETS[name], "preset": name, **overrides})
+    check_config(cfg)
+    return cfg

@@ -1,0 +1,326 @@
+"""The training loop: gradient-cached CLIP/SigLIP steps, evaluation, metrics, checkpoints, resume.
+
+    result = train(TrainConfig(...))            # or: python -m pyclipfast.train ...
+
+One step: a batch of images and captions (sharded over the ranks) → optional batch transform →
+gradient caching (`grad_cache_step`) over the two towers with the pyclipfast loss of the
+global batch plus any extra loss terms → gradients summed over ranks → AdamW step → cosine
+schedule. Every generator the trajectory depends on is either restored from the checkpoint
+(torch, numpy, python) or derived from (seed, epoch, step), so a resumed run reproduces the
+uninterrupted one exactly.
+
+Seams for the data-side methods still to come (CLIP-C compositions, CLIPin, distillation):
+
+    Hooks.batch_transform(batch, generator) -> batch    e.g. semantic_compositions on the images
+    Hooks.loss_terms: [term(context) -> {name: scalar}]  added to the contrastive loss, e.g. a
+        cosine loss against EMA targets; context.image_features / text_features are the
+        full-batch embeddings (gradients flow through gradient caching to the towers)
+    Hooks.after_step(model, step)                         e.g. the EMA update of target encoders
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+import pyclipfast.distributed as pcf_dist
+
+from .batches import TokenizedBatch, build_train_data, dataset_type, real_val_pairs, synthetic_split
+from .checkpoint import Progress, check_compatible, load_checkpoint, restore, save_checkpoint
+from .config import TrainConfig, UsageError, check_config
+from .evaluate import PairRetrievalEvaluation, SyntheticEvaluation, autocast_context, evaluate
+from .gradcache import grad_cache_step
+from .memory import compare_loss_memory, memory_method
+from .metrics import MetricsLog, plot_metrics
+from .model import create_model, create_tokenizer, image_size, model_config, resolve_model_name
+from .runtime import (
+    Runtime, all_reduce_mean, choose_threads, seed_everything, setup_runtime, sum_gradients, teardown_runtime,
+)
+
+
+@dataclass
+class LossContext:
+    """What a loss term sees: the full-batch embeddings, the batch, the model and the step."""
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    batch: TokenizedBatch
+    model: torch.nn.Module
+    step: int
+
+
+@dataclass
+class Hooks:
+    """Extension points of the loop (see the module docstring)."""
+
+    batch_transform: Optional[Callable[[TokenizedBatch, torch.Generator], TokenizedBatch]] = None
+    loss_terms: list[Callable[[LossContext], dict[str, torch.Tensor]]] = field(default_factory=list)
+    after_step: Optional[Callable[[torch.nn.Module, int], None]] = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: evaluations before/after, paths, counts, and the loss memory comparison."""
+
+    config: TrainConfig
+    first_eval: dict[str, float]
+    last_eval: dict[str, float]
+    step: int
+    output_dir: Path
+    checkpoint: Optional[Path]
+    metrics_path: Path
+    plots: list[Path]
+    skipped: int
+    seconds: float
+    loss_memory: Optional[dict[str, Any]] = None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's split: no weight decay on gains, biases and the logit scale/bias."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exclude = parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exclude else decay).append(parameter)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def cosine_schedule(warmup: int, steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup over `warmup` steps, then cosine decay to 0 at `steps`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def contrastive_loss(cfg: TrainConfig) -> Callable[..., torch.Tensor]:
+    """The loss of the global batch: pyclipfast.distributed's clip/siglip (single-process when not launched)."""
+    def loss(model, image_features, text_features, image_ids, text_ids):
+        scale = model.logit_scale.exp()
+        if cfg.loss == "clip":
+            return pcf_dist.clip_loss(image_features, text_features, scale, image_ids=image_ids, text_ids=text_ids,
+                                      backend=cfg.backend)
+        return pcf_dist.siglip_loss(image_features, text_features, scale, model.logit_bias, image_ids=image_ids,
+                                    text_ids=text_ids, backend=cfg.backend)
+    return loss
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator for the batch transform of `step`, independent of the global RNG."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * step + 1)
+
+
+class _Run:
+    """State of one training run (built by `train`)."""
+
+    def __init__(self, cfg: TrainConfig, hooks: Hooks, runtime: Runtime) -> None:
+        self.cfg, self.hooks, self.runtime = cfg, hooks, runtime
+        self.out = Path(cfg.output_dir)
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        seed_everything(cfg.seed)
+        self.model = create_model(cfg.model, cfg.loss, runtime.device, cfg.pretrained)
+        self.tokenizer = create_tokenizer(cfg.model)
+        size = image_size(self.model)
+        self.data = build_train_data(cfg, self.tokenizer, size, runtime)
+        self.evaluations = self._evaluations(size)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(cfg.warmup, cfg.steps))
+        self.loss = contrastive_loss(cfg)
+        self.progress = Progress()
+        self.first_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+
+    def _evaluations(self, size: int) -> list:
+        evaluations = []
+        if dataset_type(self.cfg) == "synthetic":
+            scenes = synthetic_split(self.cfg, "val", size)
+            evaluations.append(SyntheticEvaluation(scenes, self.tokenizer, self.cfg.caption, self.cfg.backend))
+        pairs = real_val_pairs(self.cfg, self.tokenizer, size)
+        if pairs is not None:
+            evaluations.append(PairRetrievalEvaluation(pairs, self.cfg.backend))
+        return evaluations
+
+    # ------------------------------------------------------------------ resume
+
+    def resume(self) -> None:
+        path = self.checkpoint_path if self.cfg.resume == "auto" else Path(self.cfg.resume)
+        if self.cfg.resume == "auto" and not path.is_file():
+            return  # nothing to resume: start afresh
+        state = load_checkpoint(path, self.runtime.device)
+        check_compatible(state["config"], self.cfg.to_dict())
+        self.progress = restore(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        if self.progress.step > self.cfg.steps:
+            raise UsageError(f"--resume: the checkpoint is at step {self.progress.step}, past --steps {self.cfg.steps}")
+
+    # ------------------------------------------------------------------ one step
+
+    def _encoders(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        device, precision, model = self.runtime.device, self.cfg.precision, self.model
+
+        def images(x):
+            with autocast_context(device, precision):
+                return model.encode_image(x, normalize=True)
+
+        def texts(t):
+            with autocast_context(device, precision):
+                return model.encode_text(t, normalize=True)
+        return [images, texts]
+
+    def train_step(self, batch: TokenizedBatch) -> dict[str, float]:
+        """One optimizer step on `batch` (this rank's shard); returns the loss terms."""
+        step = self.progress.step + 1
+        if self.hooks.batch_transform is not None:
+            batch = self.hooks.batch_transform(batch, step_generator(self.cfg.seed, step))
+        batch = batch.to(self.runtime.device)
+
+        def loss_fn(image_features, text_features):
+            total = self.loss(self.model, image_features, text_features, batch.image_ids, batch.text_ids)
+            terms = {"contrastive": total.detach()}
+            context = LossContext(image_features, text_features, batch, self.model, step)
+            for term in self.hooks.loss_terms:
+                for name, value in term(context).items():
+                    total = total + value
+                    terms[name] = value.detach()
+            return total, terms
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, terms = grad_cache_step(self._encoders(), [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size)
+        sum_gradients(self.model.parameters(), self.runtime)
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():  # open_clip's clamp: the temperature never exceeds 100
+            self.model.logit_scale.clamp_(0, math.log(100))
+        if self.hooks.after_step is not None:
+            self.hooks.after_step(self.model, step)
+        values = {"loss": float(loss)}
+        values.update({f"loss/{name}": float(value) for name, value in terms.items() if len(terms) > 1})
+        return values
+
+    # ------------------------------------------------------------------ evaluation, saving
+
+    def evaluate(self) -> dict[str, float]:
+        chunk = self.cfg.chunk_size or self.cfg.batch_size // self.runtime.world_size
+        return evaluate(self.model, self.evaluations, self.runtime.device, self.cfg.precision,
+                        batch_size=max(64, min(chunk, 1024)))
+
+    def save(self) -> None:
+        if self.runtime.is_main:
+            save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict())
+
+    def batches(self):
+        """(batch) forever, epoch after epoch, starting where the progress says."""
+        while True:
+            produced = 0
+            for batch in self.data.epoch(self.progress.epoch, start=self.progress.batch_in_epoch):
+                produced += 1
+                yield batch
+            if produced == 0 and self.progress.batch_in_epoch == 0:
+                raise UsageError(f"--train-data: not one full batch of {self.cfg.batch_size} in an epoch")
+            self.progress.epoch += 1
+            self.progress.batch_in_epoch = 0
+
+
+# On a CPU the demo's batch is small enough that the N×N logits are a few MB; one larger batch
+# shows how the two losses scale (open_clip needs ≈ 1 GB there, still fine on a laptop).
+CPU_MEMORY_BATCH = 8192
+
+
+def loss_memory_rows(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
+    """Peak memory of the loss, pyclipfast against open_clip, at this process's batch (and 8192 on a CPU)."""
+    dim = model_config(resolve_model_name(cfg.model))["embed_dim"]
+    batch = cfg.batch_size // runtime.world_size
+    batches = [batch] + ([CPU_MEMORY_BATCH] if runtime.device.type == "cpu" and batch < CPU_MEMORY_BATCH else [])
+    rows = [{"batch": n, **compare_loss_memory(cfg.loss, n, dim, runtime.device, cfg.backend)} for n in batches]
+    return {"dim": dim, "method": memory_method(runtime.device), "rows": rows}
+
+
+def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[str], None] = print) -> TrainResult:
+    """Run the training `cfg` describes; returns the evaluations, paths and counts (main process values)."""
+    check_config(cfg)
+    resolve_model_name(cfg.model)
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
+        raise UsageError(f"--resume: no checkpoint at {cfg.resume}")
+    runtime = setup_runtime(cfg.device)
+    note = choose_threads(cfg.threads, runtime.device)
+    if note is not None and runtime.is_main:
+        echo(note)
+    try:
+        return _train(cfg, hooks or Hooks(), runtime, echo if runtime.is_main else (lambda _: None))
+    finally:
+        teardown_runtime(runtime)
+
+
+def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str], None]) -> TrainResult:
+    start_time = time.perf_counter()
+    run = _Run(cfg, hooks, runtime)
+    if cfg.resume is not None:
+        run.resume()
+    resumed_at = run.progress.step if cfg.resume is not None else None
+    run.out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run.out / "metrics.jsonl", resume_step=resumed_at) if runtime.is_main else None
+    write = log.write if log is not None else (lambda record: None)
+    chunks = "" if cfg.chunk_size is None else f", chunks of {cfg.chunk_size}"
+    echo(f"pyclipfast.train: {cfg.model} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M params), "
+         f"{cfg.loss} loss, batch {cfg.batch_size}{chunks}, {cfg.steps} steps on {runtime.device}"
+         f"{f' x{runtime.world_size}' if runtime.world_size > 1 else ''}, {cfg.precision}; output in {run.out}")
+    if resumed_at:
+        echo(f"resumed from step {resumed_at} (epoch {run.progress.epoch}, batch {run.progress.batch_in_epoch})")
+
+    if run.progress.step == 0 and cfg.eval_at_start and run.evaluations:
+        run.first_eval = run.evaluate()
+        write({"kind": "eval", "step": 0, **run.first_eval})
+
+    stop = cfg.stop_at if cfg.stop_at is not None else cfg.steps
+    bar = tqdm(total=stop, initial=run.progress.step, disable=not (cfg.progress and runtime.is_main),
+               desc="train", unit="step", dynamic_ncols=True)
+    batches = run.batches()
+    while run.progress.step < stop:
+        tick = time.perf_counter()
+        values = run.train_step(next(batches))
+        run.progress.step += 1
+        run.progress.batch_in_epoch += 1
+        seconds = time.perf_counter() - tick
+        samples_per_s = all_reduce_mean(cfg.batch_size / seconds, runtime)
+        step = run.progress.step
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
+        if step % cfg.log_every == 0 or step == stop:
+            write({"kind": "train", "step": step, "epoch": run.progress.epoch, **values,
+                   "lr": run.scheduler.get_last_lr()[0], "logit_scale": run.model.logit_scale.exp().item(),
+                   "samples_per_s": samples_per_s, "skipped": run.data.skipped})
+        if run.evaluations and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            run.last_eval = run.evaluate()
+            write({"kind": "eval", "step": step, **run.last_eval})
+        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+            run.save()
+    bar.close()
+    if not run.last_eval and run.evaluations and run.progress.step == cfg.steps:
+        run.last_eval = run.evaluate()  # resumed at the very end: nothing left to train
+
+    if not run.first_eval and log is not None:
+        first = [r for r in log.records() if r["kind"] == "eval" and r["step"] == 0]
+        run.first_eval = {k: v for k, v in first[0].items() if "/" in k} if first else {}
+    plots = plot_metrics(log.records(), run.out) if (cfg.plots and log is not None) else []
+    loss_memory = None
+    if cfg.compare_memory and runtime.is_main:
+        loss_memory = loss_memory_rows(cfg, runtime)
+    skipped = run.data.skipped
+    if skipped:
+        echo(f"skipped {skipped} unreadable sample(s) (see the warnings above)")
+    return TrainResult(config=cfg, first_eval=run.first_eval, last_eval=run.last_eval, step=run.progress.step,
+                       output_dir=run.out, checkpoint=run.checkpoint_path if run.checkpoint_path.is_file() else None,
+                       metrics_path=run.out / "metrics.jsonl", plots=plots, skipped=skipped,
+                       seconds=time.perf_counter() - start_time, loss_memory=loss_memory)

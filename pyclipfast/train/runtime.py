@@ -1,0 +1,116 @@
+"""Where a run executes: the device, torch.distributed (torchrun), seeding and gradient sync.
+
+Launched by torchrun (WORLD_SIZE > 1 in the environment), each process joins the default
+process group (NCCL on CUDA, gloo on CPU) and takes the GPU LOCAL_RANK. Parameter gradients
+are summed over the ranks after the backward pass (`sum_gradients`): with pyclipfast's
+distributed losses every rank holds its share of the gradient of the *global* loss, so the
+sum is the single-process gradient of the global batch.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import UsageError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def setup_runtime(device: str) -> Runtime:
+    """Pick the device ("auto", "cpu", "cuda") and join torch.distributed if launched by torchrun.
+
+    Raises UsageError naming --device when CUDA is asked for and absent.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        chosen = torch.device("cuda", local_rank)
+    else:
+        chosen = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return Runtime(chosen, rank, world_size)
+
+
+def choose_threads(requested: int | None, device: torch.device) -> str | None:
+    """Set torch's CPU threads: `requested`, else 1 on a CPU run when the machine is already busy.
+
+    On a loaded machine (1-minute load average at or above the core count) every OpenMP
+    parallel region waits for a descheduled worker, and one thread trains several times faster
+    than two. Returns a note saying what was chosen, or None when torch's default was kept.
+    """
+    if requested is not None:
+        torch.set_num_threads(requested)
+        return None
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if device.type == "cpu" and cores > 1 and load >= cores:
+        torch.set_num_threads(1)
+        return f"the machine is busy (load {load:.1f} on {cores} cores): using 1 CPU thread (--threads overrides)"
+    return None
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sum_gradients(parameters, runtime: Runtime) -> None:
+    """All-reduce (sum) the gradients of `parameters` over the ranks, flattened into one buffer."""
+    if runtime.world_size == 1:
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # unused on this rank: it still takes part in the sum
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def all_reduce_mean(value: float, runtime: Runtime) -> float:
+    """The mean of a Python float over the ranks."""
+    if runtime.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / runtime.world_size
