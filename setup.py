@@ -74,6 +74,7 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["pyclipfast", "pyclipfast.*"]),
+    package_data={"pyclipfast.train": ["configs/*.json"]},  # the trainer's open_clip model configs
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
