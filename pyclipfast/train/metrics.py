@@ -74,7 +74,7 @@ def plot_metrics(records: list[dict[str, Any]], out_dir: os.PathLike | str) -> l
     keys = sorted({k for r in records if r.get("kind") == "eval" for k in r if "/" in k})
     groups = [(title, [k for k in keys if k.startswith(prefix)])
               for title, prefix in (("retrieval recall", "val/"), ("compositional probe", "probe/"),
-                                    ("zero-shot accuracy", "zeroshot/"))]
+                                    ("attribute probe", "attribute/"), ("zero-shot accuracy", "zeroshot/"))]
     groups = [(title, group) for title, group in groups if group]
     if groups:
         figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)

@@ -15,12 +15,17 @@ ROWS: tuple[tuple[str, str], ...] = (
     ("probe/swap_relation", "probe: swapped relation"),
     ("probe/replace_object", "probe: replaced object"),
     ("probe/mean", "probe: mean"),
+    ("attribute/colour", "attribute probe: colour"),
+    ("attribute/shape", "attribute probe: shape"),
+    ("attribute/size", "attribute probe: size"),
+    ("attribute/position", "attribute probe: position"),
     ("zeroshot/shape", "zero-shot shape (8 classes)"),
     ("zeroshot/colour", "zero-shot colour (8 classes)"),
     ("zeroshot/colour_shape", "zero-shot colour+shape (64)"),
 )
 CHANCE: dict[str, float] = {
     "probe/swap_attributes": 0.5, "probe/swap_relation": 0.5, "probe/replace_object": 0.5, "probe/mean": 0.5,
+    "attribute/colour": 0.5, "attribute/shape": 0.5, "attribute/size": 0.5, "attribute/position": 0.5,
     "zeroshot/shape": 1 / 8, "zeroshot/colour": 1 / 8, "zeroshot/colour_shape": 1 / 64,
 }
 
