@@ -12,16 +12,18 @@ the epoch's stream up to batch k.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, caption_choice, parse_rates
 from .data import (
-    CsvCaptions, ResizeCropNormalize, SyntheticClipDataset, SyntheticScenes, WebDatasetCaptions, collate_clip,
+    CaptionNoise, CsvCaptions, ResizeCropNormalize, SyntheticClipDataset, SyntheticScenes, WebDatasetCaptions,
+    collate_clip,
 )
 from .runtime import Runtime
 
@@ -29,16 +31,24 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 
 
 class TokenizedBatch(NamedTuple):
-    """Images (B, 3, H, W), tokens (T, L), and positive ids (None: text i belongs to image i)."""
+    """Images (B, 3, H, W), tokens (T, L), and positive ids (None: text i belongs to image i).
+
+    texts: the T caption strings the tokens encode (batch transforms and teachers re-tokenize them).
+    extra: tensors the batch transforms add for the loss terms, e.g. CLIPin's second views, or
+        "altered" (B,) bool: images that are no longer their dataset sample (composites, views).
+    """
 
     images: torch.Tensor
     tokens: torch.Tensor
     image_ids: Optional[torch.Tensor]
     text_ids: Optional[torch.Tensor]
+    texts: Optional[tuple[str, ...]] = None
+    extra: Mapping[str, torch.Tensor] = MappingProxyType({})
 
     def to(self, device: torch.device) -> "TokenizedBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return TokenizedBatch(*(move(t) for t in self))
+        return self._replace(images=move(self.images), tokens=move(self.tokens), image_ids=move(self.image_ids),
+                             text_ids=move(self.text_ids), extra={k: move(v) for k, v in self.extra.items()})
 
 
 class SyntheticCollate:
@@ -49,7 +59,8 @@ class SyntheticCollate:
 
     def __call__(self, samples) -> TokenizedBatch:
         batch = collate_clip(samples)
-        return TokenizedBatch(batch.images, self.tokenizer(batch.texts), batch.image_ids, batch.text_ids)
+        return TokenizedBatch(batch.images, self.tokenizer(batch.texts), batch.image_ids, batch.text_ids,
+                              tuple(batch.texts))
 
 
 class PairCollate:
@@ -60,7 +71,8 @@ class PairCollate:
 
     def __call__(self, samples: Sequence[tuple[torch.Tensor, str]]) -> TokenizedBatch:
         images = torch.stack([image for image, _ in samples])
-        return TokenizedBatch(images, self.tokenizer([caption for _, caption in samples]), None, None)
+        texts = tuple(caption for _, caption in samples)
+        return TokenizedBatch(images, self.tokenizer(list(texts)), None, None, texts)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -160,17 +172,27 @@ def _real_dataset(path: str, kind: str, cfg: TrainConfig, image_size: int, flag:
         raise UsageError(f"{flag} {path!r}: {message}") from error
 
 
+def caption_noise(cfg: TrainConfig) -> Optional[CaptionNoise]:
+    """The misalignment of --omit / --perturb (None without them)."""
+    if cfg.omit is None and cfg.perturb is None:
+        return None
+    return CaptionNoise(omit=parse_rates("--omit", cfg.omit), perturb=parse_rates("--perturb", cfg.perturb))
+
+
 def synthetic_split(cfg: TrainConfig, split: str, image_size: int) -> SyntheticScenes:
-    """The synthetic split used for training ("train") or evaluation ("val")."""
+    """The synthetic split used for training ("train", with the caption noise) or evaluation ("val", faithful)."""
     size = cfg.train_size if split == "train" else cfg.val_size
-    return SyntheticScenes(split, size, seed=cfg.seed, image_size=image_size, cache_images=split == "val")
+    noise = caption_noise(cfg) if split == "train" else None
+    return SyntheticScenes(split, size, seed=cfg.seed, image_size=image_size, caption_noise=noise,
+                           cache_images=split == "val")
 
 
 def build_train_data(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int, runtime: Runtime) -> TrainData:
     """The training batches of `cfg`: synthetic scenes by default, else the CSV or shards of --train-data."""
     kind = dataset_type(cfg)
     if kind == "synthetic":
-        dataset = SyntheticClipDataset(synthetic_split(cfg, "train", image_size), captions=cfg.caption)
+        scenes = synthetic_split(cfg, "train", image_size)
+        dataset = SyntheticClipDataset(scenes, captions=caption_choice(cfg.caption))
         collate = SyntheticCollate(tokenizer)
     else:
         dataset = _real_dataset(cfg.train_data, kind, cfg, image_size, "--train-data")

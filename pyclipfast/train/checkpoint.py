@@ -1,6 +1,7 @@
 """Checkpoints: written atomically, holding everything a resumed run needs to follow the same trajectory.
 
-A checkpoint stores the model, optimizer and scheduler states, the progress (step, epoch,
+A checkpoint stores the model, optimizer and scheduler states, the states of the modules the
+methods' hooks own (heads, EMA target encoders), the progress (step, epoch,
 batches done in the epoch), the RNG states of torch (CPU and CUDA), numpy and python, and the
 configuration. It is written to a temporary file in the destination's directory, flushed and
 fsync'ed, then renamed over the destination with os.replace: a reader sees the old checkpoint
@@ -12,20 +13,23 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 
-from .config import UsageError
+from .config import TrainConfig, UsageError
 
 PathLike = Union[str, os.PathLike]
 # Settings that change the training trajectory: a resumed run must use the checkpoint's values.
 TRAJECTORY_KEYS = ("model", "pretrained", "loss", "train_data", "dataset_type", "train_size", "caption",
                    "batch_size", "seed", "lr", "weight_decay", "warmup", "beta1", "beta2", "eps", "grad_clip",
-                   "precision")
+                   "precision", "omit", "perturb", "clipc_rate", "clipin", "lambda_inter", "lambda_intra",
+                   "ema_momentum", "view_flip", "teacher", "distill_margin", "distill_weight", "distill_kd",
+                   "false_negative_threshold")
 
 
 @dataclass
@@ -98,10 +102,12 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, progress: Progress, config: dict[str, Any]) -> None:
-    """Write a resumable checkpoint to `path` atomically."""
+                    scheduler: Any, progress: Progress, config: dict[str, Any],
+                    modules: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
+    """Write a resumable checkpoint to `path` atomically (`modules`: the hooks' own parts, by name)."""
     state = {
         "model": model.state_dict(),
+        "modules": {name: module.state_dict() for name, module in (modules or {}).items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "progress": asdict(progress),
@@ -127,18 +133,29 @@ def load_checkpoint(path: PathLike, device: torch.device) -> dict[str, Any]:
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise UsageError naming the first trajectory setting that differs from the checkpoint's."""
+    """Raise UsageError naming the first trajectory setting that differs from the checkpoint's.
+
+    A setting the checkpoint predates counts as its default.
+    """
+    defaults = TrainConfig().to_dict()
     for key in TRAJECTORY_KEYS:
-        if saved.get(key) != current.get(key):
+        if saved.get(key, defaults[key]) != current.get(key):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"--resume: the checkpoint was trained with {flag} {saved.get(key)!r}, this run has "
                              f"{current.get(key)!r}; resume with the same value")
 
 
 def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any) -> Progress:
-    """Load the states into the model, optimizer and scheduler, set the RNGs, return the progress."""
+            scheduler: Any, modules: Optional[Mapping[str, torch.nn.Module]] = None) -> Progress:
+    """Load the model, the hooks' modules, optimizer and scheduler states; set the RNGs; return the progress."""
     model.load_state_dict(state["model"])
+    modules = modules or {}
+    saved_modules = state.get("modules", {})
+    if set(saved_modules) != set(modules):
+        raise UsageError(f"--resume: the checkpoint holds the modules {sorted(saved_modules)} but this run has "
+                         f"{sorted(modules)}; resume with the same methods")
+    for name, module in modules.items():
+        module.load_state_dict(saved_modules[name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_states(state["rng"])

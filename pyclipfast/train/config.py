@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
-from .data import CAPTION_MODES
+from .data import ATTRIBUTES, CAPTION_MODES
 
 LOSSES = ("clip", "siglip")
 BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
@@ -21,6 +22,12 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_TYPES = ("auto", "synthetic", "csv", "webdataset")
 CAPTIONS = CAPTION_MODES + ("all",)
+DISTILL_KDS = ("kl", "ce")
+# Settings of a method that only mean something with the method on: None until the method is
+# enabled, then these defaults (`with_method_defaults`). Giving one without its method is an error.
+CLIPIN_DEFAULTS: dict[str, Any] = {"lambda_inter": 1.0, "lambda_intra": 1.0, "ema_momentum": 0.95, "view_flip": 0.0}
+TEACHER_DEFAULTS: dict[str, Any] = {"distill_margin": 0.0, "distill_weight": 1.0, "distill_kd": "kl"}
+TEACHER_OPTIONS = ("teacher_checkpoint", "teacher_cache", "false_negative_threshold", *TEACHER_DEFAULTS)
 
 
 class UsageError(ValueError):
@@ -49,6 +56,8 @@ class TrainConfig:
     train_size: int = 20_000
     val_size: int = 1_000
     caption: str = "short"
+    omit: Optional[str] = None
+    perturb: Optional[str] = None
     workers: int = 0
     # optimisation
     batch_size: int = 256
@@ -62,6 +71,20 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: Optional[float] = None
     seed: int = 0
+    # methods (pyclipfast/train/methods/): CLIP-C, CLIPin, teacher distillation
+    clipc_rate: float = 0.0
+    clipin: bool = False
+    lambda_inter: Optional[float] = None
+    lambda_intra: Optional[float] = None
+    ema_momentum: Optional[float] = None
+    view_flip: Optional[float] = None
+    teacher: Optional[str] = None
+    teacher_checkpoint: Optional[str] = None
+    teacher_cache: Optional[str] = None
+    distill_margin: Optional[float] = None
+    distill_weight: Optional[float] = None
+    distill_kd: Optional[str] = None
+    false_negative_threshold: Optional[float] = None
     # evaluation, logging, checkpoints
     output_dir: str = "runs/pyclipfast"
     eval_every: int = 0
@@ -107,7 +130,7 @@ _HELP: dict[str, str] = {
     "backend": "pyclipfast backend for the loss and the retrieval metrics",
     "precision": "fp32, or bf16 autocast (weights stay fp32)",
     "device": "auto: CUDA if available, else CPU",
-    "threads": "torch CPU threads (default: torch's choice, or 1 for a CPU run on a machine already busy)",
+    "threads": "torch CPU threads (default for a CPU run: all cores but one)",
     "train_data": "CSV file (open_clip format) or webdataset shards ('shards/{000..009}.tar'); "
                   "default: the built-in synthetic scenes",
     "val_data": "CSV or shards for retrieval evaluation (default with --train-data: none; "
@@ -119,8 +142,13 @@ _HELP: dict[str, str] = {
     "train_size": "synthetic train split size",
     "val_size": "synthetic val split size",
     "caption": "synthetic captions: short, detailed, sentences (a random subset of the detailed "
-               "caption's sentences, redrawn each epoch) or all (short and detailed, both positives "
-               "of their image)",
+               "caption's sentences, redrawn every time the image is drawn, i.e. each epoch), all (short "
+               "and detailed), or a comma-separated list of modes (short,sentences); the captions of one "
+               "image are positives of each other",
+    "omit": "selection bias on the built-in data: leave attributes out of the training captions with "
+            "these rates, e.g. colour=0.5,shape=0.2 (attributes: " + ", ".join(ATTRIBUTES) + ")",
+    "perturb": "perturbation bias on the built-in data: replace attributes in the training captions by "
+               "another value with these rates, e.g. colour=0.3",
     "workers": "DataLoader worker processes",
     "batch_size": "global batch size (image–caption pairs per step, over all processes)",
     "chunk_size": "encode at most this many inputs at once (gradient caching); memory grows with the "
@@ -134,6 +162,26 @@ _HELP: dict[str, str] = {
     "eps": "AdamW epsilon",
     "grad_clip": "clip the global gradient norm to this value",
     "seed": "seed of the model initialisation, the data order and the synthetic data",
+    "clipc_rate": "CLIP-C: probability that a batch element becomes a composite of two samples (centre "
+                  "halves side by side, caption '<caption 1> and <caption 2>'); 0 disables it",
+    "clipin": "CLIPin: non-contrastive heads and EMA target encoders on two augmented views, "
+              "cosine losses added to the contrastive loss",
+    "lambda_inter": "CLIPin weight of the inter-modal cosine loss (default 1.0 with --clipin)",
+    "lambda_intra": "CLIPin weight of the intra-modal cosine loss (default 1.0 with --clipin)",
+    "ema_momentum": "CLIPin target update θ_t ← m·θ_t + (1−m)·θ_o (default 0.95 with --clipin)",
+    "view_flip": "CLIPin: probability of a horizontal flip in each augmented view (default 0 with "
+                 "--clipin: captions that name left and right would contradict a flipped image)",
+    "teacher": "distillation teacher: open_clip architecture, shipped config or config .json; "
+               "distill_loss replaces the contrastive loss",
+    "teacher_checkpoint": "the teacher's weights: a pyclipfast.train checkpoint.pt, an open_clip "
+                          "checkpoint file or an open_clip pretrained tag",
+    "teacher_cache": "directory of the precomputed teacher embeddings of the built-in data (default: "
+                     "teacher-cache/ beside --teacher-checkpoint; 'off': embed every batch)",
+    "distill_margin": "adaptive angular margin m in radians (default 0 with --teacher)",
+    "distill_weight": "weight λ of the soft-label distillation term (default 1.0 with --teacher)",
+    "distill_kd": "distillation term: kl or ce (default kl with --teacher)",
+    "false_negative_threshold": "negatives the teacher scores above this cosine leave the InfoNCE "
+                                "denominators (default: none)",
     "output_dir": "where checkpoint.pt, metrics.jsonl and the plots go",
     "eval_every": "evaluate every this many steps (0: only at the start and the end)",
     "eval_at_start": "evaluate the untrained model before the first step",
@@ -150,7 +198,7 @@ _HELP: dict[str, str] = {
 }
 _CHOICES: dict[str, Sequence[str]] = {
     "loss": LOSSES, "backend": BACKENDS, "precision": PRECISIONS, "device": DEVICES,
-    "dataset_type": DATASET_TYPES, "caption": CAPTIONS, "preset": tuple(PRESETS),
+    "dataset_type": DATASET_TYPES, "preset": tuple(PRESETS),
 }
 
 
@@ -213,8 +261,95 @@ def check_config(cfg: TrainConfig) -> None:
         raise UsageError(f"--dataset-type {cfg.dataset_type} needs --train-data")
     if cfg.train_data is not None and cfg.dataset_type == "synthetic":
         raise UsageError("--train-data cannot be used with --dataset-type synthetic")
+    caption_choice(cfg.caption)
     if cfg.train_data is not None and cfg.caption != "short":
         raise UsageError("--caption applies to the built-in synthetic data only (real data has one caption per image)")
+    check_methods(cfg)
+
+
+def caption_choice(caption: str) -> Union[str, tuple[str, ...]]:
+    """--caption as the data takes it: a mode ("short", ..., "all") or a tuple of modes ("short,sentences")."""
+    if caption in CAPTIONS:
+        return caption
+    modes = tuple(mode.strip() for mode in caption.split(","))
+    if len(modes) < 2 or any(mode not in CAPTION_MODES for mode in modes) or len(set(modes)) != len(modes):
+        raise UsageError(f"--caption must be one of {', '.join(CAPTIONS)} or a comma-separated list of distinct "
+                         f"modes from {', '.join(CAPTION_MODES)}; got {caption!r}")
+    return modes
+
+
+def parse_rates(flag: str, text: Optional[str]) -> dict[str, float]:
+    """'colour=0.5,shape=0.2' → {"colour": 0.5, "shape": 0.2}; UsageError naming `flag` when malformed.
+
+    Attributes are those of the built-in captions (data.ATTRIBUTES); rates are in [0, 1].
+    """
+    if text is None:
+        return {}
+    rates: dict[str, float] = {}
+    for item in text.split(","):
+        attribute, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not attribute:
+            raise UsageError(f"{flag} takes ATTRIBUTE=RATE pairs separated by commas (e.g. colour=0.5,shape=0.2); "
+                             f"got {item!r}")
+        if attribute not in ATTRIBUTES:
+            raise UsageError(f"{flag}: unknown attribute {attribute!r}; expected one of {', '.join(ATTRIBUTES)}")
+        if attribute in rates:
+            raise UsageError(f"{flag}: attribute {attribute!r} is given twice")
+        try:
+            rate = float(value)
+        except ValueError:
+            raise UsageError(f"{flag} {attribute}={value}: the rate must be a number in [0, 1]") from None
+        if not 0.0 <= rate <= 1.0:
+            raise UsageError(f"{flag} {attribute}={value}: the rate must be in [0, 1]")
+        rates[attribute] = rate
+    return rates
+
+
+def _check_range(cfg: TrainConfig, name: str, low: float, high: float) -> None:
+    value = getattr(cfg, name)
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        raise UsageError(f"{_flag(name)} must be in [{low:g}, {high:g}]; got {value}")
+
+
+def check_methods(cfg: TrainConfig) -> None:
+    """The method flags: ranges, each option only with its method, and combinations that cannot work."""
+    for name in ("omit", "perturb"):
+        parse_rates(_flag(name), getattr(cfg, name))
+        if getattr(cfg, name) is not None and cfg.train_data is not None:
+            raise UsageError(f"{_flag(name)} applies to the built-in synthetic data only (it edits their captions)")
+    _check_range(cfg, "clipc_rate", 0.0, 1.0)
+    for name in CLIPIN_DEFAULTS:
+        if getattr(cfg, name) is not None and not cfg.clipin:
+            raise UsageError(f"{_flag(name)} is a CLIPin setting: it needs --clipin")
+    for name in ("lambda_inter", "lambda_intra"):
+        _check_range(cfg, name, 0.0, math.inf)
+    _check_range(cfg, "ema_momentum", 0.0, 1.0)
+    _check_range(cfg, "view_flip", 0.0, 1.0)
+    for name in TEACHER_OPTIONS:
+        if getattr(cfg, name) is not None and cfg.teacher is None:
+            raise UsageError(f"{_flag(name)} is a distillation setting: it needs --teacher")
+    if cfg.teacher is None:
+        return
+    if cfg.teacher_checkpoint is None:
+        raise UsageError("--teacher needs --teacher-checkpoint: the teacher's trained weights (a pyclipfast.train "
+                         "checkpoint.pt, an open_clip checkpoint file or pretrained tag)")
+    if cfg.loss != "clip":
+        raise UsageError(f"--teacher replaces the contrastive loss by distill_loss (InfoNCE with a margin): it needs "
+                         f"--loss clip, got --loss {cfg.loss}")
+    _check_range(cfg, "distill_margin", 0.0, math.pi)
+    _check_range(cfg, "distill_weight", 0.0, math.inf)
+    _check_range(cfg, "false_negative_threshold", -1.0, 1.0)
+    if cfg.distill_kd is not None and cfg.distill_kd not in DISTILL_KDS:
+        raise UsageError(f"--distill-kd must be one of {', '.join(DISTILL_KDS)}; got {cfg.distill_kd!r}")
+
+
+def with_method_defaults(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the unset settings of its enabled methods at their defaults (CLIPIN_DEFAULTS, TEACHER_DEFAULTS)."""
+    filled: dict[str, Any] = {}
+    for enabled, defaults in ((cfg.clipin, CLIPIN_DEFAULTS), (cfg.teacher is not None, TEACHER_DEFAULTS)):
+        if enabled:
+            filled.update({name: value for name, value in defaults.items() if getattr(cfg, name) is None})
+    return dataclasses.replace(cfg, **filled)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:

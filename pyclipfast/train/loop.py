@@ -9,20 +9,18 @@ schedule. Every generator the trajectory depends on is either restored from the 
 (torch, numpy, python) or derived from (seed, epoch, step), so a resumed run reproduces the
 uninterrupted one exactly.
 
-Seams for the data-side methods still to come (CLIP-C compositions, CLIPin, distillation):
-
-    Hooks.batch_transform(batch, generator) -> batch    e.g. semantic_compositions on the images
-    Hooks.loss_terms: [term(context) -> {name: scalar}]  added to the contrastive loss, e.g. a
-        cosine loss against EMA targets; context.image_features / text_features are the
-        full-batch embeddings (gradients flow through gradient caching to the towers)
-    Hooks.after_step(model, step)                         e.g. the EMA update of target encoders
+Methods (CLIP-C compositions, CLIPin, teacher distillation; pyclipfast/train/methods/) plug into
+the loop through `Hooks` (hooks.py): a batch transform, a replacement of the contrastive loss,
+extra loss terms, an after-step callback, and modules of their own that the optimizer trains and
+the checkpoint keeps. `train` builds the hooks of the methods the config enables and merges them
+with those it is given.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,37 +29,20 @@ from tqdm.auto import tqdm
 
 import pyclipfast.distributed as pcf_dist
 
+from .attribute_probe import AttributeProbe
 from .batches import TokenizedBatch, build_train_data, dataset_type, real_val_pairs, synthetic_split
 from .checkpoint import Progress, check_compatible, load_checkpoint, restore, save_checkpoint
-from .config import TrainConfig, UsageError, check_config
+from .config import TrainConfig, UsageError, caption_choice, check_config, with_method_defaults
 from .evaluate import PairRetrievalEvaluation, SyntheticEvaluation, autocast_context, evaluate
 from .gradcache import grad_cache_step
+from .hooks import Hooks, LossContext, merge_hooks
 from .memory import compare_loss_memory, memory_method
+from .methods import build_methods
 from .metrics import MetricsLog, plot_metrics
 from .model import create_model, create_tokenizer, image_size, model_config, resolve_model_name
 from .runtime import (
     Runtime, all_reduce_mean, choose_threads, seed_everything, setup_runtime, sum_gradients, teardown_runtime,
 )
-
-
-@dataclass
-class LossContext:
-    """What a loss term sees: the full-batch embeddings, the batch, the model and the step."""
-
-    image_features: torch.Tensor
-    text_features: torch.Tensor
-    batch: TokenizedBatch
-    model: torch.nn.Module
-    step: int
-
-
-@dataclass
-class Hooks:
-    """Extension points of the loop (see the module docstring)."""
-
-    batch_transform: Optional[Callable[[TokenizedBatch, torch.Generator], TokenizedBatch]] = None
-    loss_terms: list[Callable[[LossContext], dict[str, torch.Tensor]]] = field(default_factory=list)
-    after_step: Optional[Callable[[torch.nn.Module, int], None]] = None
 
 
 @dataclass
@@ -81,14 +62,19 @@ class TrainResult:
     loss_memory: Optional[dict[str, Any]] = None
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """open_clip's split: no weight decay on gains, biases and the logit scale/bias."""
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 extra: Iterable[torch.nn.Module] = ()) -> list[dict[str, Any]]:
+    """open_clip's split: no weight decay on gains, biases and the logit scale/bias.
+
+    The trainable parameters of the `extra` modules (the hooks' heads) follow the model's, split alike.
+    """
     decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        exclude = parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-        (no_decay if exclude else decay).append(parameter)
+    for module in (model, *extra):
+        for name, parameter in module.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            exclude = parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+            (no_decay if exclude else decay).append(parameter)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
@@ -122,8 +108,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 class _Run:
     """State of one training run (built by `train`)."""
 
-    def __init__(self, cfg: TrainConfig, hooks: Hooks, runtime: Runtime) -> None:
-        self.cfg, self.hooks, self.runtime = cfg, hooks, runtime
+    def __init__(self, cfg: TrainConfig, hooks: Hooks, runtime: Runtime,
+                 echo: Callable[[str], None] = print) -> None:
+        self.cfg, self.runtime = cfg, runtime
         self.out = Path(cfg.output_dir)
         self.checkpoint_path = self.out / "checkpoint.pt"
         seed_everything(cfg.seed)
@@ -131,9 +118,10 @@ class _Run:
         self.tokenizer = create_tokenizer(cfg.model)
         size = image_size(self.model)
         self.data = build_train_data(cfg, self.tokenizer, size, runtime)
+        self.hooks = merge_hooks(build_methods(cfg, self.model, self.tokenizer, self.data, runtime, echo), hooks)
         self.evaluations = self._evaluations(size)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        parameters = param_groups(self.model, cfg.weight_decay, self.hooks.modules.values())
+        self.optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(cfg.warmup, cfg.steps))
         self.loss = contrastive_loss(cfg)
         self.progress = Progress()
@@ -144,7 +132,9 @@ class _Run:
         evaluations = []
         if dataset_type(self.cfg) == "synthetic":
             scenes = synthetic_split(self.cfg, "val", size)
-            evaluations.append(SyntheticEvaluation(scenes, self.tokenizer, self.cfg.caption, self.cfg.backend))
+            caption = caption_choice(self.cfg.caption)
+            evaluations.append(SyntheticEvaluation(scenes, self.tokenizer, caption, self.cfg.backend))
+            evaluations.append(AttributeProbe(scenes, self.tokenizer))
         pairs = real_val_pairs(self.cfg, self.tokenizer, size)
         if pairs is not None:
             evaluations.append(PairRetrievalEvaluation(pairs, self.cfg.backend))
@@ -158,7 +148,8 @@ class _Run:
             return  # nothing to resume: start afresh
         state = load_checkpoint(path, self.runtime.device)
         check_compatible(state["config"], self.cfg.to_dict())
-        self.progress = restore(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.progress = restore(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                modules=self.hooks.modules)
         if self.progress.step > self.cfg.steps:
             raise UsageError(f"--resume: the checkpoint is at step {self.progress.step}, past --steps {self.cfg.steps}")
 
@@ -184,14 +175,15 @@ class _Run:
         batch = batch.to(self.runtime.device)
 
         def loss_fn(image_features, text_features):
-            total = self.loss(self.model, image_features, text_features, batch.image_ids, batch.text_ids)
-            terms = {"contrastive": total.detach()}
             context = LossContext(image_features, text_features, batch, self.model, step)
+            if self.hooks.loss is not None:
+                parts = self.hooks.loss(context)
+            else:
+                parts = {"contrastive": self.loss(self.model, image_features, text_features, batch.image_ids,
+                                                  batch.text_ids)}
             for term in self.hooks.loss_terms:
-                for name, value in term(context).items():
-                    total = total + value
-                    terms[name] = value.detach()
-            return total, terms
+                parts.update(term(context))
+            return sum(parts.values()), {name: value.detach() for name, value in parts.items()}
 
         self.optimizer.zero_grad(set_to_none=True)
         loss, terms = grad_cache_step(self._encoders(), [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size)
@@ -218,7 +210,8 @@ class _Run:
     def save(self) -> None:
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
-                            scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict())
+                            scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict(),
+                            modules=self.hooks.modules)
 
     def batches(self):
         """(batch) forever, epoch after epoch, starting where the progress says."""
@@ -250,6 +243,7 @@ def loss_memory_rows(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
 def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[str], None] = print) -> TrainResult:
     """Run the training `cfg` describes; returns the evaluations, paths and counts (main process values)."""
     check_config(cfg)
+    cfg = with_method_defaults(cfg)
     resolve_model_name(cfg.model)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         raise UsageError(f"--resume: no checkpoint at {cfg.resume}")
@@ -265,7 +259,7 @@ def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[st
 
 def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str], None]) -> TrainResult:
     start_time = time.perf_counter()
-    run = _Run(cfg, hooks, runtime)
+    run = _Run(cfg, hooks, runtime, echo)
     if cfg.resume is not None:
         run.resume()
     resumed_at = run.progress.step if cfg.resume is not None else None
