@@ -6,13 +6,18 @@
 #              "cuda" and "triton", against the float64 reference in fp32/fp16/bf16)
 #   3. sanitize  compute-sanitizer memcheck and racecheck on benchmarks/sanitize_driver.py
 #              (every CUDA and Triton kernel once, on small odd shapes)
-#   4. bench   python -m benchmarks run --suite full, when benchmarks/__main__.py exists, for
-#              whatever time is left (a run cut short keeps its finished cases in full.partial.json;
-#              benchmarks/gpu_bench.sh runs the suite in parts that each fit a command)
+#   4. benchmarks, one or more parts (each a stage name):
+#        goals      gpu-goals speed + memory (InfoNCE N=32k vs open_clip/Inf-CL, SigLIP N=64k,
+#                   every loss's memory at N=64k, D=768, bf16)
+#        speed | memory | max-batch   one part of gpu-goals (max-batch: trials at N >= 4M take minutes)
+#        quick | full | full-clip-siglip | full-rest   the sweep suites (full needs two commands)
+#      A part cut short by the time budget keeps its finished cases in <name>.partial.json.
 #
-# Usage (from anywhere in the checkout):
-#   bash benchmarks/gpu_check.sh                  # all stages
-#   bash benchmarks/gpu_check.sh test sanitize    # some stages (the build runs first if _C is missing)
+# Usage (from anywhere in the checkout), with the device tool from the repository root here after
+# `bash benchmarks/peer_wheels.sh`:
+#   run(command="bash benchmarks/gpu_check.sh build test sanitize", carry=[".wheels"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_check.sh goals", carry=[".wheels"])     # while still warm
+#   bash benchmarks/gpu_check.sh                  # default: build test sanitize goals
 # Environment: GPU_CHECK_BUDGET (seconds for the whole run, default 570), PYTHON (default python3),
 # OUT (where the files that come back go; default /tmp/gpu_check_out). Wheels in .wheels/ or .whl/
 # (open_clip_torch for the drop-in tests, the benchmark peers) are installed to /tmp/site first.
@@ -29,7 +34,7 @@ BUDGET=${GPU_CHECK_BUDGET:-570}
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu_check_out}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test sanitize bench)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test sanitize goals)
 export PYTHONUNBUFFERED=1
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -116,14 +121,21 @@ if wants sanitize; then
         $PY benchmarks/sanitize_driver.py --dtypes float32,bfloat16
 fi
 
-if wants bench; then
-    if [ -f benchmarks/__main__.py ]; then
-        stage bench 600 bench.log $PY -m benchmarks run --suite full --device cuda --note "benchmarks/gpu_check.sh"
-        cp benchmarks/results/"$DEVICE"/full.json benchmarks/results/"$DEVICE"/full.partial.json "$OUT/" 2>/dev/null
-    else
-        note "$(printf '%-22s %s' bench 'skipped: no benchmarks/__main__.py')"
-    fi
-fi
+# bench_part PART: one benchmark part, stopped in time to pack the results.
+bench_part() {
+    local bench=($PY -m benchmarks run --device cuda --note "lent GPU machine; benchmarks/gpu_check.sh $1")
+    case "$1" in
+        speed|memory|max-batch) bench+=(--suite gpu-goals --goals "$1" --name "gpu-goals-$1") ;;
+        goals) bench+=(--suite gpu-goals --goals speed,memory --name gpu-goals) ;;
+        quick|full) bench+=(--suite "$1") ;;
+        full-clip-siglip) bench+=(--suite full --only clip,siglip --name full-clip-siglip) ;;
+        full-rest) bench+=(--suite full --only distill,cosine,recall --name full-rest) ;;
+    esac
+    stage "bench: $1" 600 "bench-$1.log" "${bench[@]}"
+}
+for part in speed memory goals max-batch quick full full-clip-siglip full-rest; do
+    wants "$part" && bench_part "$part"
+done
 
 # What went wrong, where the reply shows it: failed tests, sanitizer findings, driver failures.
 excerpt() {  # excerpt LOG PATTERN
@@ -137,7 +149,9 @@ excerpt() {  # excerpt LOG PATTERN
 } | tee -a "$SUMMARY"
 
 cp "$SUMMARY" "$RES"/junit-*.xml "$OUT/" 2>/dev/null
-tar czf "$OUT/gpu_check.tar.gz" "$RES" $(ls benchmarks/results/"$DEVICE"/full.* 2>/dev/null) 2>/dev/null
+# Everything under benchmarks/results/<device>/ (check logs, benchmark JSON/markdown/plots) comes back
+# in one tarball: unpack it here with  tar xzf <files_at>/gpu_check.tar.gz
+tar czf "$OUT/gpu_check.tar.gz" "benchmarks/results/$DEVICE" 2>/dev/null
 echo
 echo "==== gpu_check summary ($(($(date +%s) - START)) s; files in $OUT and $RES)"
 cat "$SUMMARY"

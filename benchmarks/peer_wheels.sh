@@ -11,7 +11,7 @@
 #     python3 -m pip install --no-index --no-deps --target /tmp/peers .wheels/*.whl
 #     export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH}
 #
-# (benchmarks/gpu_bench.sh does this; name .wheels in the device tool's `carry`.)
+# (benchmarks/gpu_check.sh does this; name .wheels in the device tool's `carry`.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.wheels}
