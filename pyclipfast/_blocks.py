@@ -50,6 +50,36 @@ def split_groups(n_row_blocks: int, n_col_blocks: int, max_row_groups: int, targ
     return row_groups, col_groups, rb_per, cb_per
 
 
+def lse_partials(n: int, m: int, row_groups: int, col_groups: int, bidirectional: bool, device) -> dict:
+    """Buffers of a split InfoNCE forward sweep: per column group the rows' (max, sum-exp, positive
+    sum), per row group the columns' (initialised to the empty merge: -inf, 0, 0); columns are
+    None for a rows-only sweep."""
+    f32 = dict(dtype=torch.float32, device=device)
+    parts = dict(row_max=torch.empty(col_groups, n, **f32), row_sum=torch.empty(col_groups, n, **f32),
+                 row_pos=torch.empty(col_groups, n, **f32), col_max=None, col_sum=None, col_pos=None)
+    if bidirectional:
+        parts.update(col_max=torch.full((row_groups, m), float("-inf"), **f32),
+                     col_sum=torch.zeros(row_groups, m, **f32), col_pos=torch.zeros(row_groups, m, **f32))
+    return parts
+
+
+def merge_lse_partials(parts: dict) -> tuple:
+    """(row_lse, col_lse, row_pos, col_pos) from `lse_partials` buffers filled by a kernel."""
+    row_lse, row_pos = merge_lse(parts["row_max"], parts["row_sum"]), parts["row_pos"].sum(0)
+    if parts["col_max"] is None:
+        return row_lse, None, row_pos, None
+    return row_lse, merge_lse(parts["col_max"], parts["col_sum"]), row_pos, parts["col_pos"].sum(0)
+
+
+def gradient_norm(vectors, device) -> torch.Tensor:
+    """A bound on |G| from the upstream gradients that build it (Σ max|g|), shape (1,), ≥ 1e-30.
+
+    Gradient tiles are stored divided by it, so 16-bit storage keeps its precision (G itself can be
+    ~1/N, in fp16's subnormal range)."""
+    norm = sum(v.detach().abs().amax().float() for v in vectors if v is not None)
+    return torch.as_tensor(norm, dtype=torch.float32, device=device).clamp_min(1e-30).reshape(1)
+
+
 def grad_block_shape(n: int, m: int, cfg) -> tuple:
     """(rows, cols) of one gradient block: whole-tile multiples of cfg.block_m × cfg.block_n within budget."""
     budget = INTERPRET_GRAD_BLOCK_ELEMENTS if triton_interpreting() else GRAD_BLOCK_ELEMENTS

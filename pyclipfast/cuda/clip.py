@@ -25,26 +25,18 @@ import torch
 
 from .. import _C
 from ._launch import TILE, block_tiles, forward_grid, ids_i64, scalar_f32, use_tf32, vec_f32
-from .._blocks import blocked_grads, merge_lse
+from .._blocks import blocked_grads, gradient_norm, lse_partials, merge_lse_partials
 
 
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                  row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool):
     n, m = a.shape[0], b.shape[0]
     row_groups, col_groups, rb_per, cb_per = forward_grid(n, m, a)
-    f32 = dict(dtype=torch.float32, device=a.device)
-    row_max, row_sum, row_pos = (torch.empty(col_groups, n, **f32) for _ in range(3))
-    col_max = col_sum = col_pos = None
-    if bidirectional:
-        col_max = torch.full((row_groups, m), float("-inf"), **f32)
-        col_sum, col_pos = torch.zeros(row_groups, m, **f32), torch.zeros(row_groups, m, **f32)
+    parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device)
     _C.clip_forward(a, b, scalar_f32(scale), ids_i64(row_ids), ids_i64(col_ids),
-                    row_max, row_sum, row_pos, col_max, col_sum, col_pos,
+                    *(parts[k] for k in ("row_max", "row_sum", "row_pos", "col_max", "col_sum", "col_pos")),
                     row_groups, col_groups, rb_per, cb_per, use_tf32(a))
-    row_lse, row_pos = merge_lse(row_max, row_sum), row_pos.sum(0)
-    if not bidirectional:
-        return row_lse, None, row_pos, None
-    return row_lse, merge_lse(col_max, col_sum), row_pos, col_pos.sum(0)
+    return merge_lse_partials(parts)
 
 
 def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
@@ -54,9 +46,7 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                   g_row_pos: Optional[torch.Tensor], g_col_pos: Optional[torch.Tensor],
                   need_a: bool = True, need_b: bool = True, need_scale: bool = True):
     scale_f = scalar_f32(scale)
-    # |G_ij| ≤ max|g_row| + max|g_col| + max|g_row_pos + g_col_pos|: store G / norm in [-1, 1].
-    norm = sum(v.detach().abs().amax().float() for v in (g_row, g_col, g_row_pos, g_col_pos) if v is not None)
-    norm = torch.as_tensor(norm, dtype=torch.float32, device=a.device).clamp_min(1e-30).reshape(1)
+    norm = gradient_norm((g_row, g_col, g_row_pos, g_col_pos), a.device)  # G is stored as G / norm
     inv_norm = 1.0 / norm
     vecs = dict(row_lse=vec_f32(row_lse) if g_row is not None else None,
                 col_lse=vec_f32(col_lse) if g_col is not None else None,

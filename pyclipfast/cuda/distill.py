@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Dict
 import torch
 
 from .. import _C
-from .._blocks import blocked_grads, merge_lse, merge_weighted
+from .._blocks import blocked_grads, gradient_norm, merge_lse, merge_weighted
 from ..reference import ANGLE_EPS
 from ._launch import TILE, block_tiles, forward_grid, ids_i64, scalar_f32, use_tf32
 
@@ -97,8 +97,7 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
     row_vec = _packed_vectors("row", lse, grads, kd, a.shape[0], a)
     col_vec = _packed_vectors("col", lse, grads, kd, b.shape[0], a)
     # |H_ij| ≤ Σ max|g|·max(1, |ψ'|) and |ψ'| ≤ 1 + 1/sin θ < 10³: H / Σ max|g| fits 16-bit storage.
-    norm = sum(g.detach().abs().amax().float() for g in grads.values() if g is not None)
-    norm = torch.as_tensor(norm, dtype=torch.float32, device=a.device).clamp_min(1e-30).reshape(1)
+    norm = gradient_norm(grads.values(), a.device)  # H is stored as H / norm
     inv_norm = 1.0 / norm
     fixed = dict(_teacher(ta, tb, teacher_scale, opts), row_ids=ids_i64(row_ids), col_ids=ids_i64(col_ids),
                  row_vec=row_vec, col_vec=col_vec, inv_norm=inv_norm, tf32=use_tf32(a), **_options(opts))

@@ -8,7 +8,6 @@ and the loss-specific kernel adds only what it does with the tile.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -17,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _blocks
 from .._blocks import blocked_grads, merge_lse  # noqa: F401  (re-exported for the kernels' modules)
 from .._dispatch import triton_interpreting
 
@@ -140,14 +140,8 @@ def parallel_target(x: torch.Tensor) -> int:
 
 def split_groups(n_row_blocks: int, n_col_blocks: int, x: torch.Tensor):
     """(row_groups, col_groups, row_blocks_per_group, col_blocks_per_group) for the forward sweep."""
-    max_rg = INTERPRET_MAX_ROW_GROUPS if triton_interpreting() else MAX_ROW_GROUPS
-    row_groups = min(n_row_blocks, max_rg)
-    rb_per = math.ceil(n_row_blocks / row_groups)
-    row_groups = math.ceil(n_row_blocks / rb_per)
-    col_groups = min(n_col_blocks, max(1, math.ceil(parallel_target(x) / row_groups)))
-    cb_per = math.ceil(n_col_blocks / col_groups)
-    col_groups = math.ceil(n_col_blocks / cb_per)
-    return row_groups, col_groups, rb_per, cb_per
+    max_row_groups = INTERPRET_MAX_ROW_GROUPS if triton_interpreting() else MAX_ROW_GROUPS
+    return _blocks.split_groups(n_row_blocks, n_col_blocks, max_row_groups, parallel_target(x))
 
 
 def ids_or_dummy(ids: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

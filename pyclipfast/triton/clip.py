@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._blocks import gradient_norm, lse_partials, merge_lse_partials
 from ._tiles import (
-    blocked_grads, dot_precision, finite_or_zero, ids_or_dummy, merge_lse, positive_tile, score_tile, split_groups, tile_config,
+    blocked_grads, dot_precision, finite_or_zero, ids_or_dummy, positive_tile, score_tile, split_groups, tile_config,
     vec_or_dummy,
 )
 
@@ -148,25 +149,18 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     m = b.shape[0]
     cfg = tile_config(a)
     row_groups, col_groups, rb_per, cb_per = split_groups(triton.cdiv(n, cfg.block_m), triton.cdiv(m, cfg.block_n), a)
-    f32 = dict(dtype=torch.float32, device=a.device)
-    row_max, row_sum, row_pos = (torch.empty(col_groups, n, **f32) for _ in range(3))
-    if bidirectional:
-        col_max = torch.full((row_groups, m), float("-inf"), **f32)
-        col_sum, col_pos = torch.zeros(row_groups, m, **f32), torch.zeros(row_groups, m, **f32)
-    else:
-        col_max = col_sum = col_pos = torch.empty(1, **f32)
+    parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device)
+    dummy = torch.empty(1, dtype=torch.float32, device=a.device)
     _clip_fwd_kernel[(row_groups, col_groups)](
         a, b, scale.detach().float().reshape(1), ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a),
-        row_max, row_sum, row_pos, col_max, col_sum, col_pos,
+        *(dummy if parts[k] is None else parts[k] for k in ("row_max", "row_sum", "row_pos", "col_max", "col_sum",
+                                                             "col_pos")),
         n, m, dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1), rb_per, cb_per,
         POS_MODE=_pos_mode(row_ids), BIDIRECTIONAL=bidirectional,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=dot_precision(a),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    row_lse, row_pos = merge_lse(row_max, row_sum), row_pos.sum(0)
-    if not bidirectional:
-        return row_lse, None, row_pos, None
-    return row_lse, merge_lse(col_max, col_sum), row_pos, col_pos.sum(0)
+    return merge_lse_partials(parts)
 
 
 def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
@@ -178,9 +172,7 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     dim = a.shape[1]
     cfg = tile_config(a)
     scale_f = scale.detach().float().reshape(1)
-    # |G_ij| ≤ max|g_row| + max|g_col| + max|g_row_pos + g_col_pos|: store G / norm in [-1, 1].
-    norm = sum(v.detach().abs().amax().float() for v in (g_row, g_col, g_row_pos, g_col_pos) if v is not None)
-    norm = torch.as_tensor(norm, dtype=torch.float32, device=a.device).clamp_min(1e-30).reshape(1)
+    norm = gradient_norm((g_row, g_col, g_row_pos, g_col_pos), a.device)  # G is stored as G / norm
     inv_norm = 1.0 / norm
     vecs = [vec_or_dummy(v, a) for v in (row_lse, col_lse, g_row, g_col, g_row_pos, g_col_pos)]
     ids = ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a)

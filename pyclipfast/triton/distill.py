@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._blocks import merge_weighted
+from .._blocks import gradient_norm, merge_weighted
 from ..reference import ANGLE_EPS
 from ._tiles import (
     blocked_grads, dot_precision, ids_or_dummy, merge_lse, online_lse, positive_tile, score_tile, split_groups,
@@ -321,8 +321,7 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
     row_vec = _packed_vectors("row", lse, grads, opts.kd is not None, a.shape[0], a)
     col_vec = _packed_vectors("col", lse, grads, opts.kd is not None, b.shape[0], a)
     # |H_ij| ≤ Σ max|g|·max(1, |ψ'|) and |ψ'| ≤ 1 + 1/sin θ < 10³: H / Σ max|g| fits 16-bit storage.
-    norm = sum(g.detach().abs().amax().float() for g in grads.values() if g is not None)
-    norm = torch.as_tensor(norm, dtype=torch.float32, device=a.device).clamp_min(1e-30).reshape(1)
+    norm = gradient_norm(grads.values(), a.device)  # H is stored as H / norm
     (margin, threshold), shapes = _kernel_args(a, b, ta, tb, opts)
     ids = ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a)
     dscale_parts = []
