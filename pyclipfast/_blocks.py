@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Dict
 
 import torch
 
@@ -149,3 +149,35 @@ def blocked_grads(a: torch.Tensor, b: torch.Tensor, cfg,
             if need_b:
                 mm_accumulate(gb[c0:c1], g.T, a[r0:r1], first=r0 == 0)
     return ga, gb
+
+
+def siglip_outputs(parts: list, ga, gb, a: torch.Tensor, b: torch.Tensor, scale_f: torch.Tensor,
+                   grad_scale: float, need_scale: bool, need_bias: bool) -> tuple:
+    """(loss_sum, da, db, dscale, dbias) of a SigLIP sweep from its per-block (loss, dscale, dbias)
+    partial sums and the blocked products ga = G·B, gb = Gᵀ·A (None when not wanted)."""
+    loss_sum, dscale, dbias = torch.stack(parts).sum(0)
+    factor = scale_f * grad_scale
+    return (
+        loss_sum,
+        None if ga is None else (ga * factor).to(a.dtype),
+        None if gb is None else (gb * factor).to(b.dtype),
+        dscale * grad_scale if need_scale else None,
+        dbias * grad_scale if need_bias else None,
+    )
+
+
+def packed_distill_vectors(side: str, lse: Dict, grads: Dict, kd: bool, length: int,
+                           like: torch.Tensor) -> torch.Tensor:
+    """The per-row (or per-column) vectors a distillation gradient kernel reads, stacked in
+    (lse, g_lse, g_pos[, student_lse, g_student_lse, teacher_lse, g_cross]) order."""
+    zeros = torch.zeros(length, dtype=torch.float32, device=like.device)
+
+    def grad(name):
+        g = grads[name]
+        return zeros if g is None else g
+
+    vectors = [lse[f"{side}_lse"], grad(f"{side}_lse"), grad(f"{side}_pos")]
+    if kd:
+        vectors += [lse[f"student_{side}_lse"], grad(f"student_{side}_lse"), lse[f"teacher_{side}_lse"],
+                    grad(f"{side}_cross")]
+    return torch.stack([v.detach().float() for v in vectors]).contiguous()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Dict
 import torch
 
 from .. import _C
-from .._blocks import blocked_grads, gradient_norm, merge_lse, merge_weighted
+from .._blocks import blocked_grads, gradient_norm, merge_lse, merge_weighted, packed_distill_vectors
 from ..reference import ANGLE_EPS
 from ._launch import TILE, block_tiles, forward_grid, ids_i64, scalar_f32, use_tf32
 
@@ -75,27 +75,13 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     return out
 
 
-def _packed_vectors(side: str, lse: Dict, grads: Dict, kd: bool, length: int, like: torch.Tensor) -> torch.Tensor:
-    """The per-row (or per-column) vectors the gradient kernel reads, in LSE, G_LSE, ... order."""
-    zeros = torch.zeros(length, dtype=torch.float32, device=like.device)
-
-    def grad(name):
-        g = grads[name]
-        return zeros if g is None else g
-
-    vectors = [lse[f"{side}_lse"], grad(f"{side}_lse"), grad(f"{side}_pos")]
-    if kd:
-        vectors += [lse[f"student_{side}_lse"], grad(f"student_{side}_lse"), lse[f"teacher_{side}_lse"],
-                    grad(f"{side}_cross")]
-    return torch.stack([v.detach().float() for v in vectors]).contiguous()
-
 
 def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: "DistillOptions",
                      lse: Dict, grads: Dict, need_a: bool = True, need_b: bool = True, need_scale: bool = True):
     scale_f = scalar_f32(scale)
     kd = opts.kd is not None
-    row_vec = _packed_vectors("row", lse, grads, kd, a.shape[0], a)
-    col_vec = _packed_vectors("col", lse, grads, kd, b.shape[0], a)
+    row_vec = packed_distill_vectors("row", lse, grads, kd, a.shape[0], a)
+    col_vec = packed_distill_vectors("col", lse, grads, kd, b.shape[0], a)
     # |H_ij| ≤ Σ max|g|·max(1, |ψ'|) and |ψ'| ≤ 1 + 1/sin θ < 10³: H / Σ max|g| fits 16-bit storage.
     norm = gradient_norm(grads.values(), a.device)  # H is stored as H / norm
     inv_norm = 1.0 / norm

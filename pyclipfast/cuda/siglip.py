@@ -17,7 +17,7 @@ import torch
 
 from .. import _C
 from ._launch import TILE, block_tiles, ids_i64, scalar_f32, use_tf32
-from .._blocks import blocked_grads
+from .._blocks import blocked_grads, siglip_outputs
 
 
 def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -40,12 +40,4 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
         parts.append(part.sum(1))
 
     ga, gb = blocked_grads(a, b, TILE, write_block, need_a, need_b, g_dtype=a.dtype)
-    loss_sum, dscale, dbias = torch.stack(parts).sum(0)
-    factor = scale_f * grad_scale
-    return (
-        loss_sum,
-        (ga * factor).to(a.dtype) if need_a else None,
-        (gb * factor).to(b.dtype) if need_b else None,
-        dscale * grad_scale if need_scale else None,
-        dbias * grad_scale if need_bias else None,
-    )
+    return siglip_outputs(parts, ga, gb, a, b, scale_f, grad_scale, need_scale, need_bias)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._blocks import gradient_norm, merge_weighted
+from .._blocks import gradient_norm, merge_weighted, packed_distill_vectors
 from ..reference import ANGLE_EPS
 from ._tiles import (
     blocked_grads, dot_precision, ids_or_dummy, merge_lse, online_lse, positive_tile, score_tile, split_groups,
@@ -299,27 +299,13 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     return out
 
 
-def _packed_vectors(side: str, lse: Dict, grads: Dict, kd: bool, length: int, like: torch.Tensor):
-    """The per-row (or per-column) vectors the gradient kernel reads, in LSE, G_LSE, ... order."""
-    zeros = torch.zeros(length, dtype=torch.float32, device=like.device)
-
-    def grad(name):
-        g = grads[name]
-        return zeros if g is None else g
-
-    vectors = [lse[f"{side}_lse"], grad(f"{side}_lse"), grad(f"{side}_pos")]
-    if kd:
-        vectors += [lse[f"student_{side}_lse"], grad(f"student_{side}_lse"), lse[f"teacher_{side}_lse"],
-                    grad(f"{side}_cross")]
-    return torch.stack([v.float() for v in vectors])
-
 
 def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: "DistillOptions",
                      lse: Dict, grads: Dict, need_a: bool = True, need_b: bool = True, need_scale: bool = True):
     cfg = _config(a)
     scales = _scales(scale, teacher_scale)
-    row_vec = _packed_vectors("row", lse, grads, opts.kd is not None, a.shape[0], a)
-    col_vec = _packed_vectors("col", lse, grads, opts.kd is not None, b.shape[0], a)
+    row_vec = packed_distill_vectors("row", lse, grads, opts.kd is not None, a.shape[0], a)
+    col_vec = packed_distill_vectors("col", lse, grads, opts.kd is not None, b.shape[0], a)
     # |H_ij| ≤ Σ max|g|·max(1, |ψ'|) and |ψ'| ≤ 1 + 1/sin θ < 10³: H / Σ max|g| fits 16-bit storage.
     norm = gradient_norm(grads.values(), a.device)  # H is stored as H / norm
     (margin, threshold), shapes = _kernel_args(a, b, ta, tb, opts)

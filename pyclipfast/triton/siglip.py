@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._blocks import siglip_outputs
 from ._tiles import blocked_grads, dot_precision, ids_or_dummy, positive_tile, score_tile, softplus, tile_config
 
 
@@ -79,12 +80,4 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
         parts.append(part.sum(1))
 
     ga, gb = blocked_grads(a, b, cfg, write_block, need_a, need_b, g_dtype=a.dtype)
-    loss_sum, dscale, dbias = torch.stack(parts).sum(0)
-    factor = scale_f * grad_scale
-    return (
-        loss_sum,
-        (ga * factor).to(a.dtype) if need_a else None,
-        (gb * factor).to(b.dtype) if need_b else None,
-        dscale * grad_scale if need_scale else None,
-        dbias * grad_scale if need_bias else None,
-    )
+    return siglip_outputs(parts, ga, gb, a, b, scale_f, grad_scale, need_scale, need_bias)
