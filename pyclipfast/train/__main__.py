@@ -4,6 +4,7 @@
     python -m pyclipfast.train --train-data data.csv --csv-img-key filepath --csv-caption-key title \\
         --model ViT-B-32 --batch-size 16384 --chunk-size 512 --precision bf16
     torchrun --nproc-per-node 8 -m pyclipfast.train --preset gpu --batch-size 262144
+    python -m pyclipfast.train experiments --preset quick   # the methods' results table (experiments.py)
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from .config import UsageError, build_parser, parse_args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["experiments"]:
+        from .experiments import main as experiments
+
+        return experiments(argv[1:])
     cfg = parse_args(argv)
     from .loop import train  # after parsing: --help and bad flags answer without importing torch models
     from .report import summary_table

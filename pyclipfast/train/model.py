@@ -6,6 +6,8 @@ The configs in pyclipfast/train/configs/ are registered with open_clip under the
     pcf-tiny-48    48×48 images, 3+3 layers of width 96, context 32: the CPU demo
     pcf-tiny-64    64×64 images, 4+4 layers of width 128, context 32: a CPU model 2.5x the demo's cost
     pcf-small-64   64×64 images, 8 layers of width 384 / 6 of width 256, context 64: the GPU preset
+    pcf-micro-32-ctx40  pcf-micro-32 with context 40 (detailed captions fit): the methods grid's student
+    pcf-mini-32-ctx40   32×32 images, 4+4 layers of width 128, context 40: the methods grid's teacher
 
 `--model` takes any open_clip architecture name (ViT-B-32, RN50, ...), one of these, or the
 path of a model-config JSON in open_clip's format (registered under its file name).
