@@ -1,12 +1,15 @@
 """The trainer's methods: CLIP-C, CLIPin, teacher distillation, recaptions and misalignment."""
+import dataclasses
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import pyclipfast
 from pyclipfast.chunked import _tiles
-from pyclipfast.train import Hooks, TrainConfig, UsageError, train
+from pyclipfast.train import Hooks, TrainConfig, UsageError, experiments, train
 from pyclipfast.train.__main__ import main
 from pyclipfast.train.batches import EpochBatches
 from pyclipfast.train.checkpoint import load_checkpoint
@@ -369,3 +372,44 @@ def test_unusable_teacher_exits_naming_the_flag(teacher, checkpoint, flag, teach
               "--output-dir", str(tmp_path), "--teacher", teacher, "--teacher-checkpoint", checkpoint])
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- experiments
+
+def fake_report(tmp_path):
+    """A report as run_grid builds it, from made-up runs of two seeds."""
+    grid = experiments.variants((0.5,), "teacher.pt", "pcf-micro-32")
+    runs = []
+    for v_index, variant in enumerate(grid):
+        for seed in range(2):
+            metrics = {key: 0.5 + 0.01 * v_index + 0.02 * seed for key, _ in experiments.COLUMNS}
+            runs.append({"variant": variant.name, "seed": seed, "metrics": metrics, "seconds": 10.0 + seed})
+    rows = [{**dataclasses.asdict(v), "summary": experiments.summarise([r for r in runs if r["variant"] == v.name])}
+            for v in grid]
+    return {"preset": "quick", "command": "python -m pyclipfast.train experiments", "seeds": 2, "jobs": 1,
+            "settings": experiments.PRESETS["quick"], "machine": {"description": "a test"}, "minutes": 1.0,
+            "variants": rows, "runs": runs, "teacher": None}
+
+
+def test_experiments_table_rows_mean_std_and_plot(tmp_path):
+    report = fake_report(tmp_path)
+    names = [row["name"] for row in report["variants"]]
+    assert names == ["baseline", "clipc", "clipin", "distill", "detailed", "sentences", "omit-colour-0.5",
+                     "perturb-colour-0.5"]
+    assert report["variants"][3]["overrides"]["teacher_checkpoint"] == "teacher.pt"
+    table = experiments.markdown(report)
+    assert "| baseline (InfoNCE, short captions) | 51.0 ± 1.4 |" in table  # mean of 50 and 52, std √2
+    assert "| omit | 0.5 | 57.0 ± 1.4 |" in table and "| perturb | 0 | 51.0 ± 1.4 |" in table
+    experiments.plot(report, tmp_path / "methods.png")
+    assert (tmp_path / "methods.png").stat().st_size > 10_000
+
+
+def test_experiments_reuse_a_finished_run_and_check_flags(tmp_path, capsys):
+    cfg = experiments.run_config(experiments.PRESETS["quick"], tmp_path, "baseline", 0, {})
+    Path(cfg.output_dir).mkdir(parents=True)
+    saved = {"config": cfg.to_dict(), "metrics": {"short/i2t_R@1": 0.25}, "seconds": 1.0}
+    (Path(cfg.output_dir) / "result.json").write_text(json.dumps(saved))
+    assert experiments.run_one((cfg.to_dict(), False)) == saved  # not trained again
+    with pytest.raises(SystemExit):
+        main(["experiments", "--jobs", "0"])
+    assert "--jobs" in capsys.readouterr().err
