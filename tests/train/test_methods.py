@@ -409,7 +409,7 @@ def test_experiments_reuse_a_finished_run_and_check_flags(tmp_path, capsys):
     Path(cfg.output_dir).mkdir(parents=True)
     saved = {"config": cfg.to_dict(), "metrics": {"short/i2t_R@1": 0.25}, "seconds": 1.0}
     (Path(cfg.output_dir) / "result.json").write_text(json.dumps(saved))
-    assert experiments.run_one((cfg.to_dict(), False)) == saved  # not trained again
+    assert experiments.run_one((cfg.to_dict(), False)) == {**saved, "reused": True}  # not trained again
     with pytest.raises(SystemExit):
         main(["experiments", "--jobs", "0"])
     assert "--jobs" in capsys.readouterr().err
