@@ -39,14 +39,17 @@ class TileScores:
     def rows(self, i0: int, i1: int) -> torch.Tensor:
         return self.a[i0:i1].to(self.cd)
 
+    def scaled(self, a_rows: torch.Tensor) -> torch.Tensor:
+        """scale · a_rows: the scale folded into the (small) row block instead of every tile."""
+        return a_rows * self.scale
+
     def cols(self, j0: int, j1: int) -> torch.Tensor:
         return self.b[j0:j1].to(self.cd)
 
-    def scores(self, a_rows: torch.Tensor, b_cols: torch.Tensor) -> torch.Tensor:
-        """S = scale · a_rows · b_colsᵀ in the first scratch buffer."""
-        s = self._s[: a_rows.shape[0] * b_cols.shape[0]].view(a_rows.shape[0], b_cols.shape[0])
-        torch.mm(a_rows, b_cols.T, out=s)
-        return s.mul_(self.scale)
+    def scores(self, scaled_rows: torch.Tensor, b_cols: torch.Tensor) -> torch.Tensor:
+        """S = (scale · a_rows) · b_colsᵀ in the first scratch buffer."""
+        s = self._s[: scaled_rows.shape[0] * b_cols.shape[0]].view(scaled_rows.shape[0], b_cols.shape[0])
+        return torch.mm(scaled_rows, b_cols.T, out=s)
 
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
         return self._e[: like.numel()].view_as(like)

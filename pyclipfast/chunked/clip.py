@@ -33,11 +33,11 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
         col_max, col_sum = torch.full((m,), float("-inf"), **opts), torch.zeros(m, **opts)
         col_pos = torch.zeros(m, **opts)
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
-        a_rows = ts.rows(i0, i1)
+        a_scaled = ts.scaled(ts.rows(i0, i1))
         run_max = torch.full((i1 - i0,), float("-inf"), **opts)
         run_sum = torch.zeros(i1 - i0, **opts)
         for j0, j1 in spans(m, _tiles.TILE_COLS):
-            s = ts.scores(a_rows, ts.cols(j0, j1))
+            s = ts.scores(a_scaled, ts.cols(j0, j1))
             kind, pos = positive_tile(row_ids, col_ids, i0, i1, j0, j1)
             if kind == "diag" and pos is not None:
                 k, g0, g1 = pos
@@ -77,18 +77,24 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     db = torch.zeros(b.shape, **opts) if need_b else None
     dscale = torch.zeros((), **opts)
     need_rows = need_a or need_scale
+    row_shift, col_shift = _log_weight_shift(row_lse, g_row), _log_weight_shift(col_lse, g_col)
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_rows = ts.rows(i0, i1)
+        a_scaled = ts.scaled(a_rows)
         acc = torch.zeros(i1 - i0, a.shape[1], **opts) if need_rows else None
         for j0, j1 in spans(m, _tiles.TILE_COLS):
             b_cols = ts.cols(j0, j1)
-            s = ts.scores(a_rows, b_cols)
+            s = ts.scores(a_scaled, b_cols)
             g = ts.scratch(s)
-            if g_row is not None:
-                torch.sub(s, row_lse[i0:i1, None], out=g).exp_().mul_(g_row[i0:i1, None])
-            else:
+            if g_row is None:
                 g.zero_()
-            if g_col is not None:
+            elif row_shift is not None:  # g_row·exp(S − lse) = exp(S − (lse − log g_row))
+                torch.sub(s, row_shift[i0:i1, None], out=g).exp_()
+            else:
+                torch.sub(s, row_lse[i0:i1, None], out=g).exp_().mul_(g_row[i0:i1, None])
+            if g_col is not None and col_shift is not None:
+                g.add_(s.sub_(col_shift[j0:j1]).exp_())
+            elif g_col is not None:
                 g.addcmul_(s.sub_(col_lse[j0:j1]).exp_(), g_col[None, j0:j1])
             add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos)
             if need_rows:
@@ -107,3 +113,11 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
         dscale if need_scale else None,
     )
 
+
+def _log_weight_shift(lse: Optional[torch.Tensor], weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """lse − log(weight) when every weight is > 0 (the usual mean reduction), so a tile's
+    weight·exp(S − lse) is one exp with no multiply pass; None otherwise. Checked on CPU
+    tensors only: on a GPU the check would cost a host sync."""
+    if weight is None or weight.device.type != "cpu" or not bool((weight > 0).all()):
+        return None
+    return lse - weight.to(lse.dtype).log()

@@ -35,10 +35,11 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     any_grad = need_rows or need_b or need_bias
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_rows = ts.rows(i0, i1)
+        a_scaled = ts.scaled(a_rows)
         acc = torch.zeros(i1 - i0, a.shape[1], **opts) if need_rows else None
         for j0, j1 in spans(m, _tiles.TILE_COLS):
             b_cols = ts.cols(j0, j1)
-            z = ts.scores(a_rows, b_cols)  # becomes −y·S in place
+            z = ts.scores(a_scaled, b_cols)  # becomes −y·S in place
             if bias_c is not None:
                 z.add_(bias_c)
             sign = _negate_positives(z, row_ids, col_ids, i0, i1, j0, j1, negative_only)
