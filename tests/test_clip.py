@@ -119,3 +119,17 @@ def test_second_backward_with_retain_graph():
     (g1,) = torch.autograd.grad(loss, a, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, a)
     torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_signed_and_zero_upstream_weights(backend):
+    """Per-row upstream gradients of any sign (reduction='none' weighted by the caller)."""
+    a, b = features(37, 12, seed=13), features(37, 12, seed=14)
+    w = torch.randn(37, generator=torch.Generator().manual_seed(15)).to(DEVICE)
+    w[::5] = 0.0
+    out, ref = [], []
+    for name, inputs, store in ((backend, leaves(a, b), out), ("reference", as_reference(a, b), ref)):
+        x, y = inputs
+        per_row = pcf.clip_loss(x, y, 9.0, reduction="none", backend=name)
+        store.extend([per_row, *torch.autograd.grad((per_row * w.to(x.device, x.dtype)).sum(), (x, y))])
+    assert_close_to_reference(out, ref, torch.float32, ["per-row loss", "d_image", "d_text"])
