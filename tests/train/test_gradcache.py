@@ -11,16 +11,6 @@ from pyclipfast.train.gradcache import RngState, embed_in_chunks, grad_cache_ste
 from pyclipfast.train.memory import PeakTensorMemory
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one thread avoids OpenMP waits on descheduled workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TINY = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import pyclipfast
-from pyclipfast.chunked import _tiles
 from pyclipfast.train import Hooks, TrainConfig, UsageError, experiments, train
 from pyclipfast.train.__main__ import main
 from pyclipfast.train.batches import EpochBatches
@@ -27,23 +26,8 @@ from pyclipfast.train.metrics import read_metrics, without_timing
 from pyclipfast.train.model import create_tokenizer
 from pyclipfast.train.runtime import setup_runtime
 
-REAL_TILE_SHAPE = (_tiles.TILE_ROWS, _tiles.TILE_COLS)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine: one thread avoids OpenMP waits on descheduled workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
-def real_tiles(monkeypatch):
-    """The trainer runs the losses as users get them."""
-    monkeypatch.setattr(_tiles, "TILE_ROWS", REAL_TILE_SHAPE[0])
-    monkeypatch.setattr(_tiles, "TILE_COLS", REAL_TILE_SHAPE[1])
+pytestmark = pytest.mark.usefixtures("real_tiles")
 
 
 def micro(path, **overrides) -> TrainConfig:

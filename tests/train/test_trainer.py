@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pyclipfast.chunked import _tiles
 from pyclipfast.train import TrainConfig, UsageError, train
 from pyclipfast.train.__main__ import main
 from pyclipfast.train.batches import EpochBatches
@@ -20,24 +19,7 @@ from pyclipfast.train.config import parse_args
 from pyclipfast.train.metrics import read_metrics, without_timing
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine: one thread avoids OpenMP waits on descheduled workers."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-# The chunked backend's real tile shape, read before the shared conftest shrinks it for the loss tests.
-REAL_TILE_SHAPE = (_tiles.TILE_ROWS, _tiles.TILE_COLS)
-
-
-@pytest.fixture(autouse=True)
-def real_tiles(monkeypatch):
-    """The trainer runs the losses as users get them (tiny tiles make the 8192 memory comparison crawl)."""
-    monkeypatch.setattr(_tiles, "TILE_ROWS", REAL_TILE_SHAPE[0])
-    monkeypatch.setattr(_tiles, "TILE_COLS", REAL_TILE_SHAPE[1])
+pytestmark = pytest.mark.usefixtures("real_tiles")
 
 
 def micro(tmp_path, **overrides) -> TrainConfig:
