@@ -8,11 +8,15 @@ and the extra peak memory is VmHWM minus the RSS before the call.
     python benchmarks/bench_distill_cpu.py --n 4096 --repeat 3
     python benchmarks/bench_distill_cpu.py --margin 0 --threshold none --kd ce   # open_clip's DistillClipLoss objective
     OMP_NUM_THREADS=1 python benchmarks/bench_distill_cpu.py                    # one core
+    python benchmarks/bench_distill_cpu.py --repeat 3 --out benchmarks/results/cpu-2core   # + distill-cpu.{json,md}
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -71,25 +75,62 @@ def main() -> None:
                         help="false-negative threshold, or 'none' for no filter")
     parser.add_argument("--kd", choices=("kl", "ce"), default="kl")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="folder for distill-cpu.json and distill-cpu.md")
     parser.add_argument("--worker", choices=list(IMPLEMENTATIONS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    results = {}
+    results, load_before, started = {}, os.getloadavg(), time.time()
     for name in IMPLEMENTATIONS:
         cmd = [sys.executable, __file__, "--worker", name] + sys.argv[1:]
         results[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    print(f"distill_loss fwd+bwd, CPU float32, N={args.n} D={args.d} Dt={args.dt}, margin={args.margin} "
-          f"threshold={args.threshold} kd={args.kd}, {results['fused']['threads']} threads")
-    for name, r in results.items():
-        print(f"  {name:13s} {r['seconds']:7.2f} s wall {r['cpu_seconds']:7.2f} s cpu   "
-              f"extra peak {r['extra_peak_mib']:8.1f} MiB   loss {r['loss']:.6f}")
     fused, materialised = results["fused"], results["materialised"]
-    print(f"  fused / materialised: wall {fused['seconds'] / materialised['seconds']:.2f}x, "
-          f"cpu {fused['cpu_seconds'] / materialised['cpu_seconds']:.2f}x, "
-          f"extra memory {100 * fused['extra_peak_mib'] / materialised['extra_peak_mib']:.1f}%")
+    lines = [f"distill_loss fwd+bwd, CPU float32, N={args.n} D={args.d} Dt={args.dt}, margin={args.margin} "
+             f"threshold={args.threshold} kd={args.kd}, {fused['threads']} threads, best of {args.repeat}"]
+    for name, r in results.items():
+        lines.append(f"  {name:13s} {r['seconds']:7.2f} s wall {r['cpu_seconds']:7.2f} s cpu   "
+                     f"extra peak {r['extra_peak_mib']:8.1f} MiB   loss {r['loss']:.6f}")
+    ratios = dict(wall=fused["seconds"] / materialised["seconds"],
+                  cpu=fused["cpu_seconds"] / materialised["cpu_seconds"],
+                  memory=fused["extra_peak_mib"] / materialised["extra_peak_mib"])
+    lines.append(f"  fused / materialised: wall {ratios['wall']:.2f}x, cpu {ratios['cpu']:.2f}x, "
+                 f"extra memory {100 * ratios['memory']:.1f}%")
+    print("\n".join(lines))
+    if args.out:
+        _write(args, results, ratios, lines, load_before, started)
 
+
+def _write(args, results, ratios, lines, load_before, started) -> None:
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                            text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    command = "python benchmarks/bench_distill_cpu.py " + shlex.join(
+        a for a in sys.argv[1:] if not a.startswith("--out") and a != str(args.out))
+    record = dict(command=command.strip(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                  machine=dict(cpu=cpu, cores=os.cpu_count(), load_before=load_before, load_after=os.getloadavg()),
+                  software=dict(python=platform.python_version(), torch=torch.__version__, commit=commit),
+                  args={k: v for k, v in vars(args).items() if k not in ("out", "worker")},
+                  results=results, fused_over_materialised=ratios,
+                  goal=dict(time="<= 0.5x", memory="<= 5%",
+                            met=ratios["wall"] <= 0.5 and ratios["memory"] <= 0.05))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distill-cpu.json").write_text(json.dumps(record, indent=2) + "\n")
+    load = lambda t: "/".join(f"{x:.2f}" for x in t)  # noqa: E731
+    md = [f"# distill_loss on the CPU: fused (chunked torch backend) vs materialised (reference backend)", "",
+          f"- Command: `{record['command']}` ({record['started']}, commit {commit})",
+          f"- Machine: {cpu}, {os.cpu_count()} cores; load average {load(load_before)} before, "
+          f"{load(record['machine']['load_after'])} after",
+          f"- Software: Python {platform.python_version()}, torch {torch.__version__}",
+          "- Each implementation runs in a fresh process; one forward + backward (gradients of the student "
+          "features and scale), best wall time of the repeats; extra peak = VmHWM − RSS before the call.",
+          f"- Goal (issue 3): fused ≤ 0.5× the time and ≤ 5% of the extra memory of the materialised "
+          f"implementation: **{'met' if record['goal']['met'] else 'not met'}**", "", "```", *lines, "```", ""]
+    (args.out / "distill-cpu.md").write_text("\n".join(md))
 
 if __name__ == "__main__":
     main()
