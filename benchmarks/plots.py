@@ -25,7 +25,7 @@ def plot_record(record: dict, out_dir: Path, stem: str) -> List[Path]:
     paths = []
     for (op, dtype), rows in _by_op_dtype(record["results"]).items():
         path = out_dir / f"{stem}-{op}-{dtype}.png"
-        _figure(record, op, dtype, rows, colours).savefig(path, dpi=110)
+        _figure(record, op, dtype, rows, colours, stem).savefig(path, dpi=110)
         plt.close("all")
         paths.append(path)
     return paths
@@ -39,7 +39,7 @@ def _by_op_dtype(results: List[dict]) -> Dict[tuple, List[dict]]:
     return groups
 
 
-def _figure(record: dict, op: str, dtype: str, rows: List[dict], colours: dict):
+def _figure(record: dict, op: str, dtype: str, rows: List[dict], colours: dict, stem: str = ""):
     dims = sorted({r["d"] for r in rows})
     fig, axes = plt.subplots(2, len(dims), figsize=(5.5 * len(dims), 7.5), squeeze=False)
     for col, d in enumerate(dims):
@@ -60,7 +60,8 @@ def _figure(record: dict, op: str, dtype: str, rows: List[dict], colours: dict):
             ax.grid(True, which="both", alpha=0.3)
         axes[0][col].legend(fontsize=8)
     m = record["machine"]
-    fig.suptitle(f"{op} · {dtype} · {m['name']} ({record['suite']}, {record['started'][:10]})", fontsize=11)
+    run = record["suite"] if stem in ("", record["suite"]) else f"{stem}: suite {record['suite']}"
+    fig.suptitle(f"{op} · {dtype} · {m['name']} ({run}, {record['started'][:10]})", fontsize=11)
     fig.tight_layout()
     return fig
 
