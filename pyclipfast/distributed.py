@@ -50,3 +50,675 @@ DistillClipLoss run the one sweep above: open_clip's local_loss on rank r is
 ½[mean_{i∈r} row term + mean_{j∈r} column term] of the global batch, so it costs
 8·N·M·D/W FLOPs instead of open_clip's 12; with gather_with_grad each shard's
 gradient is W·∂L/∂A_r (open_clip's), which DDP's averaging turns into ∇L.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import clip as _clip
+from . import reference
+from . import siglip as _siglip
+from ._dispatch import resolve
+from .distill import GRADIENT_STATS, TEACHER_STATS, DistillOptions, _DistillStats
+from ._validation import (
+    ScaleLike, as_scale, check_features, check_has_positive, check_ids, data_checks_on, positive_counts,
+)
+
+__all__ = ["clip_loss", "siglip_loss", "gather_features", "all_gather_with_grad"]
+
+
+# --------------------------------------------------------------------------- collectives with autograd
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[x_0; x_1; …; x_{W−1}] (rank order) on every rank, no autograd: one all_gather_into_tensor."""
+    world = dist.get_world_size(group)
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """Rank r gets Σ_k (slot r of rank k's x), slots split along dim 0: one reduce_scatter_tensor."""
+    world = dist.get_world_size(group)
+    out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+class _AllGather(torch.autograd.Function):
+    """Forward: all-gather. Backward: reduce-scatter (sum): rank r gets Σ_k ∂ℓ_k/∂(slot r)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Forward: reduce-scatter (sum). Backward: all-gather: every rank's slot r receives rank r's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group), None
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over ranks; backward sums the gradients too (torch.distributed.nn.all_reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllReduce.apply(grad, ctx.group), None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """L = Σ_r ℓ_r on every rank; backward is the identity: ℓ_r receives the upstream g."""
+
+    @staticmethod
+    def forward(ctx, share, group):
+        total = share.detach().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ReplicatedGrad(torch.autograd.Function):
+    """Identity forward; backward: factor · Σ_ranks of the gradient, the same on every rank.
+
+    For a replicated scalar (the logit scale) whose per-rank shares must become the gradient of
+    a loss every rank computes whole (open_clip without local_loss).
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, factor: float):
+        ctx.group, ctx.factor = group, factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total * ctx.factor, None, None
+
+
+class _GradTimes(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _column_merge(lse_parts: torch.Tensor, sum_parts: torch.Tensor, group,
+                  weighted_parts: Optional[torch.Tensor] = None, weight: int = 0):
+    """Merge per-rank column partials at each column's owner.
+
+    lse_parts (K, W·m): this rank's log-sum-exps over its rows, for every column; sum_parts (J, W·m):
+    sums over its rows; weighted_parts (L, W·m): means over its rows weighted by the softmax
+    exp(S_ij − lse_parts[weight]_j) (the teacher's col_cross). Returns, for this rank's m columns,
+    the (K, m) log-sum-exps over all rows, the (J, m) sums and the (L, m) weighted means:
+
+        lse_j  = peak_j + log Σ_k exp(lse_j^(k) − peak_j)         (peak_j = max_k lse_j^(k), an all-reduce)
+        mean_j = Σ_k exp(w_j^(k) − peak_j)·mean_j^(k) / Σ_k exp(w_j^(k) − peak_j)   (w = lse_parts[weight], constant)
+
+    The Σ_k are one reduce-scatter, whose backward (an all-gather) sends every rank the gradient
+    of its partials; the peaks carry none (the log-sum-exp does not depend on them).
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    peak = lse_parts.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    exps = torch.exp(lse_parts - peak)
+    payload = [exps, sum_parts]
+    if weighted_parts is not None:
+        payload.append(weighted_parts * exps[weight].detach())
+    payload = torch.cat(payload)                                                   # (K + J + L, W·m)
+    rows, columns = payload.shape[0], payload.shape[1] // world
+    merged = _ReduceScatter.apply(payload.view(rows, world, columns).transpose(0, 1).reshape(-1, columns), group)
+    k, j = lse_parts.shape[0], sum_parts.shape[0]
+    lse = torch.log(merged[:k]) + peak[:, rank * columns:(rank + 1) * columns]
+    weighted = None if weighted_parts is None else merged[k + j:] / merged[weight].detach()
+    return lse, merged[k:k + j], weighted
+
+
+def _exchange(tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int], group):
+    """Send tensors[k] to rank send_to[k] and receive one like it from recv_from[k], all at once."""
+    tensors = [t.contiguous() for t in tensors]
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t, peer, group) for t, peer in zip(tensors, send_to)]
+    ops += [dist.P2POp(dist.irecv, t, peer, group) for t, peer in zip(received, recv_from)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Point-to-point exchange; the gradients travel back the opposite way (open_clip's NeighbourExchange)."""
+
+    @staticmethod
+    def forward(ctx, send_to, recv_from, group, *tensors):
+        ctx.peers = send_to, recv_from, group
+        return tuple(_exchange(tensors, send_to, recv_from, group))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        send_to, recv_from, group = ctx.peers
+        return (None, None, None, *_NeighbourExchange.apply(recv_from, send_to, group, *grads))
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """[x_0; …; x_{W−1}] on every rank; the backward sums each slot's gradient back to its owner.
+
+    Same semantics as ``torch.cat(torch.distributed.nn.all_gather(x))`` (deprecated in recent
+    torch), with a reduce-scatter backward on every backend.
+    """
+    return _AllGather.apply(x, group)
+
+
+def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, *, local_loss: bool = False,
+                    gather_with_grad: bool = False, rank: int = 0, world_size: int = 1,
+                    group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ``gather_features`` (torch.distributed path): the global image and text batches.
+
+    gather_with_grad: the gather is differentiable (each rank's loss reaches every shard).
+    Otherwise the gathered copies carry no gradient; unless local_loss, the local features are put
+    back at this rank's slot so they still receive one.
+    """
+    if gather_with_grad:
+        return all_gather_with_grad(image_features, group), all_gather_with_grad(text_features, group)
+    with torch.no_grad():
+        all_image, all_text = _gather(image_features, group), _gather(text_features, group)
+    if not local_loss:
+        all_image[rank * image_features.shape[0]:(rank + 1) * image_features.shape[0]] = image_features
+        all_text[rank * text_features.shape[0]:(rank + 1) * text_features.shape[0]] = text_features
+    return all_image, all_text
+
+
+# --------------------------------------------------------------------------- rank-consistent checks
+
+def _check_shards(image_features: torch.Tensor, text_features: torch.Tensor, group, **more: torch.Tensor) -> None:
+    """Equal shard sizes on every rank, always; finite features too when data checks are on.
+
+    One all-gather of a few integers per call, on every rank, before any collective that moves
+    features: every rank sees the same gathered facts and raises the same error, so no rank is left
+    waiting in a collective (NCCL does not check sizes: a mismatch hangs or corrupts rows). The
+    result cannot be cached per shape: a rank whose shape changed would run the check while a rank
+    that skipped it runs the next collective. With the data checks off this costs one tiny
+    collective and, on a GPU, one host sync per call.
+    """
+    tensors = {"image_features": image_features, "text_features": text_features, **more}
+    finite = data_checks_on(image_features)
+    facts = [torch.tensor(x.shape[0], device=image_features.device) for x in tensors.values()]
+    if finite:
+        facts += [torch.isfinite(x).all().long().to(image_features.device) for x in tensors.values()]
+    per_rank = _gather(torch.stack(facts)[None], group).tolist()
+    for k, name in enumerate(tensors):
+        rows = [f[k] for f in per_rank]
+        if len(set(rows)) > 1:
+            sizes = ", ".join(f"rank {r}: {size}" for r, size in enumerate(rows))
+            raise ValueError(
+                f"{name} must have the same number of rows on every rank (an evenly split global batch); "
+                f"got {sizes}"
+            )
+    if finite:
+        for k, name in enumerate(tensors):
+            bad = [r for r, f in enumerate(per_rank) if not f[len(tensors) + k]]
+            if bad:
+                raise ValueError(f"{name} contains non-finite values (nan or inf) on rank(s) {bad}")
+
+
+def _check_scales(logit_scale: ScaleLike, logit_bias: Optional[ScaleLike], like: torch.Tensor) -> None:
+    """The scale and bias checks of the single-process losses, run before any collective."""
+    as_scale("logit_scale", logit_scale, like)
+    if logit_bias is not None:
+        as_scale("logit_bias", logit_bias, like, positive=False)
+
+
+def _group_size(group) -> int:
+    """World size of `group`, or 1 when torch.distributed is not initialised."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("group was given but torch.distributed is not initialised")
+        return 1
+    if dist.get_rank(group) < 0:
+        raise ValueError("group does not contain this process (torch.distributed.get_rank(group) is -1)")
+    return dist.get_world_size(group)
+
+
+# --------------------------------------------------------------------------- functional API
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: ScaleLike,
+    logit_bias: Optional[ScaleLike] = None,
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
+    group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Bidirectional InfoNCE (SPEC §1) of the global batch split over the ranks of `group`.
+
+    Args:
+        image_features, text_features: this rank's shards, (n, D) and (m, D); every rank holds the
+            same n and m, and rank order is batch order.
+        logit_scale, logit_bias: as in `pyclipfast.clip_loss` (the same value on every rank).
+        image_ids, text_ids: this rank's ids (n,) and (m,); they are gathered, so equal ids on
+            different ranks are positives. Default: the global diagonal (needs n == m).
+        group: the process group (default: the world). Without an initialised torch.distributed
+            this is `pyclipfast.clip_loss` on the local batch.
+        backend: as in `pyclipfast.clip_loss`.
+
+    Returns:
+        The global loss L, the same on every rank. After ``loss.backward()`` on every rank the
+        features hold their slice of the single-process gradient ∂L/∂A; logit_scale holds this
+        rank's share of ∂L/∂s (the shares sum to it).
+    """
+    world = _group_size(group)
+    if world == 1:
+        return _clip.clip_loss(image_features, text_features, logit_scale, logit_bias,
+                               image_ids=image_ids, text_ids=text_ids, backend=backend)
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
+    name = resolve("clip", backend, image_features)
+    scale = as_scale("logit_scale", logit_scale, image_features)
+    bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features, positive=False)
+    _check_shards(image_features, text_features, group)
+    rows, cols = _clip_terms(image_features, text_features, scale, image_ids, text_ids, name, group)
+    share = rows.sum() / (2 * world * rows.shape[0]) + cols.sum() / (2 * world * cols.shape[0])
+    return _SumOverRanks.apply(_zero_bias_grad(share, bias), group)
+
+
+def _zero_bias_grad(loss: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """db = 0 exactly, as in pyclipfast.clip_loss (a scalar bias cancels in the softmax)."""
+    if bias is not None and bias.requires_grad:
+        return loss + 0 * bias.to(loss.dtype)
+    return loss
+
+
+def _clip_terms(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, image_ids,
+                text_ids, backend: str, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's per-row terms r_i − mean_{P(i)} S_ij of this rank's n image rows and
+    per-column terms c_j − mean_{Q(j)} S_ij of its m text columns.
+
+    One fused sweep of S_r = s·A_r·B_allᵀ gives the rows' statistics and every column's partials
+    over this rank's rows; `_column_merge` brings column j's partials to j's owner.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n, m = image_features.shape[0], text_features.shape[0]
+    all_text = all_gather_with_grad(text_features, group)
+    row_ids, col_ids, row_count, col_count = _clip_ids(image_ids, text_ids, rank, n, m, world, group,
+                                                       image_features.device)
+    row_lse, col_lse_part, row_pos, col_pos_part = _block_stats(image_features, all_text, scale, row_ids, col_ids,
+                                                                backend)
+    col_lse, col_pos, _ = _column_merge(col_lse_part[None], col_pos_part[None], group)
+    rows = row_lse - (row_pos if row_count is None else row_pos / row_count)
+    cols = col_lse[0] - (col_pos[0] if col_count is None else col_pos[0] / col_count)
+    return rows, cols
+
+
+def _clip_ids(image_ids, text_ids, rank: int, n: int, m: int, world: int, group, device):
+    """(this rank's row ids, all column ids, row positive counts, this rank's column positive counts).
+
+    Default ids are the global diagonal (counts None: one positive each). Given ids are gathered
+    and every row and column of the global batch must have a positive (checked on every rank alike).
+    """
+    if image_ids is None:
+        return torch.arange(rank * n, (rank + 1) * n, device=device), torch.arange(world * m, device=device), None, None
+    all_image_ids, all_text_ids = _gather(image_ids, group), _gather(text_ids, group)
+    row_count, col_count = positive_counts(all_image_ids, all_text_ids), positive_counts(all_text_ids, all_image_ids)
+    check_has_positive(row_count, "image row")
+    check_has_positive(col_count, "text column")
+    return image_ids, all_text_ids, row_count[rank * n:(rank + 1) * n], col_count[rank * m:(rank + 1) * m]
+
+
+def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: torch.Tensor,
+                 col_ids: torch.Tensor, backend: str):
+    """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1)."""
+    if backend != "reference":
+        return _clip._ClipStats.apply(a, b, scale, row_ids, col_ids, True, backend)
+    logits = reference.logits(a, b, scale)
+    positives = reference.positive_mask(*logits.shape, row_ids, col_ids, logits.device).to(logits.dtype)
+    return logits.logsumexp(1), logits.logsumexp(0), (logits * positives).sum(1), (logits * positives).sum(0)
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: ScaleLike,
+    logit_bias: Optional[ScaleLike],
+    *,
+    image_ids: Optional[torch.Tensor] = None,
+    text_ids: Optional[torch.Tensor] = None,
+    group=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid loss (SPEC §2) of the global batch split over the ranks of `group`.
+
+    Each rank scores its n image rows against all M gathered texts (ids gathered with them) and
+    the shares are summed: L = −1/N Σ_ij log σ(y_ij S_ij) over the global batch, on every rank.
+    Arguments, gradients and the single-process fallback are as in `clip_loss`.
+    """
+    world = _group_size(group)
+    if world == 1:
+        return _siglip.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                                   image_ids=image_ids, text_ids=text_ids, backend=backend)
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
+    resolve("siglip", backend, image_features)
+    _check_scales(logit_scale, logit_bias, image_features)
+    _check_shards(image_features, text_features, group)
+
+    rank, n, device = dist.get_rank(group), image_features.shape[0], image_features.device
+    all_text = all_gather_with_grad(text_features, group)
+    if image_ids is None:  # the global diagonal
+        image_ids = torch.arange(rank * n, (rank + 1) * n, device=device)
+        all_text_ids = torch.arange(world * n, device=device)
+    else:
+        all_text_ids = _gather(text_ids, group)
+    share = _siglip.siglip_loss(image_features, all_text, logit_scale, logit_bias, image_ids=image_ids,
+                                text_ids=all_text_ids, backend=backend) / world
+    return _SumOverRanks.apply(share, group)
+
+
+# --------------------------------------------------------------------------- open_clip module paths
+
+def _check_module(module) -> None:
+    """The module's rank/world_size must be its process group's (open_clip would silently mislabel)."""
+    if getattr(module, "use_horovod", False):
+        raise NotImplementedError(
+            "use_horovod=True is not supported: pyclipfast runs on torch.distributed (launch with torchrun "
+            "and pass use_horovod=False)"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"world_size={module.world_size} needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, e.g. under torchrun)"
+        )
+    size, rank = _group_size(module.group), dist.get_rank(module.group)
+    if size != module.world_size:
+        raise ValueError(f"world_size={module.world_size} but the process group has {size} ranks")
+    if rank != module.rank:
+        raise ValueError(f"rank={module.rank} but this process is rank {rank} of the process group")
+
+
+def _module_inputs(module, image_features, text_features, image_ids, text_ids, **teacher):
+    """Checks shared by the module paths, before any collective; returns the checked ids."""
+    _check_module(module)
+    check_features("image_features", image_features)
+    check_features("text_features", text_features, like=image_features, like_name="image_features")
+    for name, x in teacher.items():
+        check_features(name, x)
+    image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
+    _check_shards(image_features, text_features, module.group, **teacher)
+    return image_ids, text_ids
+
+
+def _replicated_scale(module, scale: torch.Tensor) -> torch.Tensor:
+    """Without local_loss open_clip's every rank computes the whole loss, so every rank's scale gets
+    the whole ∂L/∂s: the per-rank shares are summed (and the gather_with_grad factor W undone)."""
+    if module.local_loss or not scale.requires_grad:
+        return scale
+    return _ReplicatedGrad.apply(scale, module.group, 1.0 / module.world_size if module.gather_with_grad else 1.0)
+
+
+def _module_total(module, shares: torch.Tensor) -> torch.Tensor:
+    """open_clip's loss without local_loss: the global loss on every rank. Its gradients reach the
+    features once (∂L/∂A_r), or from every rank's copy of the loss with gather_with_grad (W·∂L/∂A_r)."""
+    if module.gather_with_grad:
+        shares = _GradTimes.apply(shares, float(module.world_size))
+    return _SumOverRanks.apply(shares, module.group)
+
+
+def clip_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                     logit_bias=None, image_ids=None, text_ids=None) -> torch.Tensor:
+    """`pyclipfast.ClipLoss` with world_size > 1: open_clip's ClipLoss through one fused sweep per rank.
+
+    open_clip with local_loss (rank r's rows against all columns, in both directions) is
+    ½[mean_{i∈r}(r_i − S_ii) + mean_{j∈r}(c_j − S_jj)], the global row and column terms of this
+    rank's rows and columns; without it, the global loss L on every rank. Both come from the one
+    sweep of `clip_loss` (8·N·M·D/W FLOPs per rank; open_clip's local_loss does 12), with
+    open_clip's values and feature gradients (W·∂L/∂A_r with gather_with_grad). Every rank's
+    scale gradient without local_loss is ∂L/∂s, as open_clip's; with local_loss the per-rank
+    scale gradients are shares that sum to open_clip's sum over ranks (W·∂L/∂s), which is what
+    DDP's gradient averaging sees.
+
+    local_loss without gather_with_grad cuts the gradient of the gathered copies, which one
+    sweep cannot split off: it runs the rows-only loss in each direction, as open_clip does.
+    """
+    image_ids, text_ids = _module_inputs(module, image_features, text_features, image_ids, text_ids)
+    if module.local_loss and not module.gather_with_grad:
+        return _clip_local_rows(module, image_features, text_features, logit_scale, logit_bias, image_ids, text_ids)
+    name = resolve("clip", module.backend, image_features)
+    scale = _replicated_scale(module, as_scale("logit_scale", logit_scale, image_features))
+    bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features, positive=False)
+    rows, cols = _clip_terms(image_features, text_features, scale, image_ids, text_ids, name, module.group)
+    if module.local_loss:
+        loss = 0.5 * (rows.mean() + cols.mean())
+    else:
+        world = module.world_size
+        loss = _module_total(module, rows.sum() / (2 * world * rows.shape[0])
+                             + cols.sum() / (2 * world * cols.shape[0]))
+    return _zero_bias_grad(loss, bias)
+
+
+def _own_and_all_ids(module, image_ids, text_ids, n: int, device):
+    """(this rank's image ids, all text ids, this rank's text ids, all image ids): open_clip's
+    labels (arange offset by rank) by default, else the given ids and their gathered copies."""
+    if image_ids is None:
+        labels = module.get_ground_truth(device, n)
+        columns = torch.arange(module.world_size * n, device=device)
+        return labels, columns, labels, columns
+    return image_ids, _gather(text_ids, module.group), text_ids, _gather(image_ids, module.group)
+
+
+def _clip_local_rows(module, image_features, text_features, logit_scale, logit_bias, image_ids, text_ids):
+    """½[CE(s·A_r·B_allᵀ) + CE(s·B_r·A_allᵀ)], the gathered copies without gradient (open_clip's
+    local_loss without gather_with_grad)."""
+    all_image, all_text = gather_features(image_features, text_features, local_loss=True, rank=module.rank,
+                                          world_size=module.world_size, group=module.group)
+    image_rows, text_columns, text_rows, image_columns = _own_and_all_ids(
+        module, image_ids, text_ids, image_features.shape[0], image_features.device)
+
+    def rows(queries, keys, query_ids, key_ids):
+        return _clip.clip_loss(queries, keys, logit_scale, logit_bias, image_ids=query_ids, text_ids=key_ids,
+                               bidirectional=False, backend=module.backend)
+
+    return 0.5 * (rows(image_features, all_text, image_rows, text_columns)
+                  + rows(text_features, all_image, text_rows, image_columns))
+
+
+def _texts_bidir(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Pass texts both ways round the ring: ⌊(W−1)/2⌋ two-way steps, then one one-way step if W is even."""
+    right, left = _peer(rank + 1, world, group), _peer(rank - 1, world, group)
+    to_left = to_right = text
+    steps, remainder = divmod(world - 1, 2)
+    for step in range(1, steps + 1):
+        from_right, from_left = _NeighbourExchange.apply((left, right), (right, left), group, to_left, to_right)
+        yield (rank + step) % world, from_right
+        yield (rank - step) % world, from_left
+        to_left, to_right = from_right, from_left
+    if remainder:
+        (from_left,) = _NeighbourExchange.apply((right,), (left,), group, to_right)
+        yield (rank - steps - 1) % world, from_left
+
+
+def _texts_shift(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Pass texts one way round the ring, W−1 steps."""
+    right, left = _peer(rank + 1, world, group), _peer(rank - 1, world, group)
+    for step in range(1, world):
+        (text,) = _NeighbourExchange.apply((right,), (left,), group, text)
+        yield (rank - step) % world, text
+
+
+def _texts_reduce(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Rank i's texts via an all-reduce of (texts on rank i, zeros elsewhere), for every i, own included."""
+    for i in range(world):
+        yield i, _AllReduce.apply(text * (rank == i), group)
+
+
+def _texts_gather(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
+    """All texts in one all-gather."""
+    for i, block in enumerate(all_gather_with_grad(text, group).chunk(world)):
+        if i != rank:
+            yield i, block
+
+
+def _peer(group_rank: int, world: int, group) -> int:
+    """The global rank of `group_rank` (mod W) in `group` (point-to-point ops take global ranks)."""
+    group_rank %= world
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+_OTHER_TEXTS = {"bidir": _texts_bidir, "shift": _texts_shift, "reduce": _texts_reduce, "gather": _texts_gather}
+
+
+def siglip_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                       logit_bias, image_ids=None, text_ids=None) -> torch.Tensor:
+    """`pyclipfast.SigLipLoss` with world_size > 1: open_clip's SigLipLoss, fused.
+
+    The loss of this rank's images against its own texts, plus a negative-only loss against every
+    other rank's texts, each normalised by the local n; the texts travel as `dist_impl` says. With
+    ids, other ranks' texts can hold positives: the texts and their ids are all-gathered and this
+    rank's rows are scored against all of them in one call (the same normalisation).
+    """
+    image_ids, text_ids = _module_inputs(module, image_features, text_features, image_ids, text_ids)
+    if image_ids is not None:
+        all_text = all_gather_with_grad(text_features, module.group)
+        return module._loss(image_features, all_text, logit_scale, logit_bias, image_ids=image_ids,
+                            text_ids=_gather(text_ids, module.group))
+    loss = module._loss(image_features, text_features, logit_scale, logit_bias)
+    for source, texts in _OTHER_TEXTS[module.dist_impl](text_features, module.rank, module.world_size, module.group):
+        if source == module.rank:
+            # 'reduce' hands back our own texts: every rank must run every all-reduce's backward,
+            # so it stays in the graph with weight 0 (open_clip multiplies a whole loss by 0).
+            loss = loss + 0.0 * texts.sum()
+        else:
+            loss = loss + module._loss(image_features, texts, logit_scale, logit_bias, negative_only=True)
+    return loss
+
+
+def distill_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                        dist_image_features: torch.Tensor, dist_text_features: torch.Tensor,
+                        dist_logit_scale, image_ids=None, text_ids=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`pyclipfast.DistillClipLoss` with world_size > 1: open_clip's DistillClipLoss, one fused sweep per rank.
+
+    Student and teacher texts are gathered (open_clip calls get_logits on both). The sweep of this
+    rank's rows against all columns gives the rows' statistics and the columns' partials (the
+    teacher's col_cross merged with the teacher's softmax weights), so, as in `clip_module_loss`:
+
+        contrastive = ½[mean_{i∈r}(r_i − S_ii) + mean_{j∈r}(c_j − S_jj)]
+        distill     = ½[mean_{i∈r} CE(softmax(t·Tᵃ_i·Tᵇ_allᵀ), softmax(s·A_i·B_allᵀ)) + (columns alike)]
+
+    with local_loss, and the global losses on every rank without it. local_loss without
+    gather_with_grad runs the rows-only statistics in each direction, as open_clip does.
+    """
+    image_ids, text_ids = _module_inputs(module, image_features, text_features, image_ids, text_ids,
+                                         dist_image_features=dist_image_features,
+                                         dist_text_features=dist_text_features)
+    name = resolve("distill", module.backend, image_features)
+    teacher_scale = as_scale("dist_logit_scale", dist_logit_scale, image_features).detach()
+    teacher_image, teacher_text = (x.detach().to(image_features.dtype) for x in (dist_image_features,
+                                                                                    dist_text_features))
+    if module.local_loss and not module.gather_with_grad:
+        return _distill_local_rows(module, image_features, text_features, logit_scale, teacher_image, teacher_text,
+                                   teacher_scale, image_ids, text_ids, name)
+    scale = _replicated_scale(module, as_scale("logit_scale", logit_scale, image_features))
+    group, world, rank = module.group, module.world_size, module.rank
+    n, m = image_features.shape[0], text_features.shape[0]
+    all_text = all_gather_with_grad(text_features, group)
+    row_ids, col_ids, row_count, col_count = _clip_ids(image_ids, text_ids, rank, n, m, world, group,
+                                                       image_features.device)
+    stats = _distill_block_stats(image_features, all_text, scale, teacher_image, _gather(teacher_text, group),
+                                 teacher_scale, row_ids, col_ids, name)
+    lse, pos, cross = _column_merge(
+        torch.stack([stats["col_lse"], stats["student_col_lse"], stats["teacher_col_lse"]]),
+        stats["col_pos"][None], group, weighted_parts=stats["col_cross"][None], weight=2)
+    rows_ce = stats["row_lse"] - (stats["row_pos"] if row_count is None else stats["row_pos"] / row_count)
+    cols_ce = lse[0] - (pos[0] if col_count is None else pos[0] / col_count)
+    rows_kd, cols_kd = stats["student_row_lse"] - stats["row_cross"], lse[1] - cross[0]
+    if module.local_loss:
+        return 0.5 * (rows_ce.mean() + cols_ce.mean()), 0.5 * (rows_kd.mean() + cols_kd.mean())
+    shares = torch.stack([rows_ce.sum() / (2 * world * n) + cols_ce.sum() / (2 * world * m),
+                          rows_kd.sum() / (2 * world * n) + cols_kd.sum() / (2 * world * m)])
+    total = _module_total(module, shares)
+    return total[0], total[1]
+
+
+def _distill_block_stats(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, backend: str) -> dict:
+    """The statistics of `distill_loss` (margin 0, no filter, kd="ce") of the block s·A_r·B_allᵀ,
+    its teacher t·Tᵃ_r·Tᵇ_allᵀ and the given positives: one fused sweep, or materialised for
+    backend="reference"."""
+    if backend != "reference":
+        return dict(zip(GRADIENT_STATS + TEACHER_STATS, _DistillStats.apply(
+            a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, DistillOptions(margin=0.0, threshold=None, kd="ce"),
+            backend)))
+    student, teacher = reference.logits(a, b, scale), reference.logits(ta, tb, teacher_scale)
+    positives = reference.positive_mask(*student.shape, row_ids, col_ids, student.device).to(student.dtype)
+    lse = dict(row_lse=student.logsumexp(1), col_lse=student.logsumexp(0),
+               teacher_row_lse=teacher.logsumexp(1), teacher_col_lse=teacher.logsumexp(0))
+    return dict(lse, student_row_lse=lse["row_lse"], student_col_lse=lse["col_lse"],
+                row_pos=(student * positives).sum(1), col_pos=(student * positives).sum(0),
+                row_cross=(teacher.softmax(1) * student).sum(1), col_cross=(teacher.softmax(0) * student).sum(0))
+
+
+def _distill_local_rows(module, image_features, text_features, logit_scale, teacher_image, teacher_text,
+                        teacher_scale, image_ids, text_ids, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's local_loss without gather_with_grad: the rows-only statistics in each direction,
+    against gathered copies that carry no gradient."""
+    options = dict(local_loss=True, rank=module.rank, world_size=module.world_size, group=module.group)
+    all_image, all_text = gather_features(image_features, text_features, **options)
+    all_teacher_image, all_teacher_text = gather_features(teacher_image, teacher_text, **options)
+    image_rows, text_columns, text_rows, image_columns = _own_and_all_ids(
+        module, image_ids, text_ids, image_features.shape[0], image_features.device)
+    scale = as_scale("logit_scale", logit_scale, image_features)
+    image_ce, image_kd = _distill_rows(image_features, all_text, teacher_image, all_teacher_text, scale,
+                                       teacher_scale, image_rows, text_columns, backend)
+    text_ce, text_kd = _distill_rows(text_features, all_image, teacher_text, all_teacher_image, scale,
+                                     teacher_scale, text_rows, image_columns, backend)
+    return 0.5 * (image_ce + text_ce), 0.5 * (image_kd + text_kd)
+
+
+def _distill_rows(queries: torch.Tensor, keys: torch.Tensor, teacher_queries: torch.Tensor,
+                  teacher_keys: torch.Tensor, scale: torch.Tensor, teacher_scale: torch.Tensor,
+                  query_ids: torch.Tensor, key_ids: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows only: mean_i (r_i − mean_{P(i)} S_ij), mean_i −Σ_j softmax(t·T_Q·T_Kᵀ)_ij log softmax(s·Q·Kᵀ)_ij.
+
+    The fused distillation statistics of (local rows × gathered columns); only the row statistics
+    are used, so no column gradient is formed.
+    """
+    counts = positive_counts(query_ids, key_ids)
+    check_has_positive(counts, "row")
+    stats = _distill_block_stats(queries, keys, scale, teacher_queries, teacher_keys, teacher_scale, query_ids,
+                                 key_ids, backend)
+    return (stats["row_lse"] - stats["row_pos"] / counts).mean(), (stats["student_row_lse"] - stats["row_cross"]).mean()
