@@ -72,19 +72,24 @@ __all__ = ["clip_loss", "siglip_loss", "gather_features", "all_gather_with_grad"
 
 # --------------------------------------------------------------------------- collectives with autograd
 
+# Flat-tensor collectives (no per-rank list to stage); recent torch names them *_single.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
-    """[x_0; x_1; …; x_{W−1}] (rank order) on every rank, no autograd: one all_gather_into_tensor."""
+    """[x_0; x_1; …; x_{W−1}] (rank order) on every rank, no autograd: one flat all-gather."""
     world = dist.get_world_size(group)
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _ALL_GATHER(out, x.contiguous(), group=group)
     return out
 
 
 def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    """Rank r gets Σ_k (slot r of rank k's x), slots split along dim 0: one reduce_scatter_tensor."""
+    """Rank r gets Σ_k (slot r of rank k's x), slots split along dim 0: one flat reduce-scatter."""
     world = dist.get_world_size(group)
     out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    _REDUCE_SCATTER(out, x.contiguous(), group=group)
     return out
 
 
@@ -175,7 +180,7 @@ class _GradTimes(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _column_merge(lse_parts: torch.Tensor, sum_parts: torch.Tensor, group,
+def _column_merge(lse_parts: torch.Tensor, sum_parts: Optional[torch.Tensor], group,
                   weighted_parts: Optional[torch.Tensor] = None, weight: int = 0):
     """Merge per-rank column partials at each column's owner.
 
@@ -194,6 +199,8 @@ def _column_merge(lse_parts: torch.Tensor, sum_parts: torch.Tensor, group,
     peak = lse_parts.detach().clone(memory_format=torch.contiguous_format)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
     exps = torch.exp(lse_parts - peak)
+    if sum_parts is None:
+        sum_parts = lse_parts[:0]
     payload = [exps, sum_parts]
     if weighted_parts is not None:
         payload.append(weighted_parts * exps[weight].detach())
@@ -376,37 +383,46 @@ def _clip_terms(image_features: torch.Tensor, text_features: torch.Tensor, scale
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n, m = image_features.shape[0], text_features.shape[0]
     all_text = all_gather_with_grad(text_features, group)
-    row_ids, col_ids, row_count, col_count = _clip_ids(image_ids, text_ids, rank, n, m, world, group,
-                                                       image_features.device)
-    row_lse, col_lse_part, row_pos, col_pos_part = _block_stats(image_features, all_text, scale, row_ids, col_ids,
-                                                                backend)
-    col_lse, col_pos, _ = _column_merge(col_lse_part[None], col_pos_part[None], group)
-    rows = row_lse - (row_pos if row_count is None else row_pos / row_count)
-    cols = col_lse[0] - (col_pos[0] if col_count is None else col_pos[0] / col_count)
-    return rows, cols
-
-
-def _clip_ids(image_ids, text_ids, rank: int, n: int, m: int, world: int, group, device):
-    """(this rank's row ids, all column ids, row positive counts, this rank's column positive counts).
-
-    Default ids are the global diagonal (counts None: one positive each). Given ids are gathered
-    and every row and column of the global batch must have a positive (checked on every rank alike).
-    """
     if image_ids is None:
-        return torch.arange(rank * n, (rank + 1) * n, device=device), torch.arange(world * m, device=device), None, None
+        row_lse, col_lse_part, _, _ = _block_stats(image_features, all_text, scale, None, None, backend)
+        (col_lse,), _, _ = _column_merge(col_lse_part[None], None, group)
+        positive = _diagonal_logits(image_features, text_features, scale)
+        return row_lse - positive, col_lse - positive
+    row_count, col_count, all_text_ids = _clip_counts(image_ids, text_ids, rank, n, m, group)
+    row_lse, col_lse_part, row_pos, col_pos_part = _block_stats(image_features, all_text, scale, image_ids,
+                                                                all_text_ids, backend)
+    (col_lse,), (col_pos,), _ = _column_merge(col_lse_part[None], col_pos_part[None], group)
+    return row_lse - row_pos / row_count, col_lse - col_pos / col_count
+
+
+def _diagonal_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """S_ii = s·⟨A_i, B_i⟩ in the statistics' precision: with the default ids (the global diagonal)
+    rank r's positives pair its own images with its own texts, so they never enter the sweep (which
+    then runs without ids: no positive mask per tile)."""
+    cd = reference.compute_dtype(image_features)
+    return scale.to(cd) * (image_features.to(cd) * text_features.to(cd)).sum(1)
+
+
+def _clip_counts(image_ids: torch.Tensor, text_ids: torch.Tensor, rank: int, n: int, m: int, group):
+    """(this rank's row positive counts, its column positive counts, all text ids) for given ids,
+    gathered: every row and column of the global batch must have a positive (checked on every
+    rank alike)."""
     all_image_ids, all_text_ids = _gather(image_ids, group), _gather(text_ids, group)
     row_count, col_count = positive_counts(all_image_ids, all_text_ids), positive_counts(all_text_ids, all_image_ids)
     check_has_positive(row_count, "image row")
     check_has_positive(col_count, "text column")
-    return image_ids, all_text_ids, row_count[rank * n:(rank + 1) * n], col_count[rank * m:(rank + 1) * m]
+    return row_count[rank * n:(rank + 1) * n], col_count[rank * m:(rank + 1) * m], all_text_ids
 
 
-def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: torch.Tensor,
-                 col_ids: torch.Tensor, backend: str):
-    """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1)."""
+def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: Optional[torch.Tensor],
+                 col_ids: Optional[torch.Tensor], backend: str):
+    """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1).
+    Without ids the positive sums are not used (the caller forms them)."""
     if backend != "reference":
         return _clip._ClipStats.apply(a, b, scale, row_ids, col_ids, True, backend)
     logits = reference.logits(a, b, scale)
+    if row_ids is None:
+        return logits.logsumexp(1), logits.logsumexp(0), None, None
     positives = reference.positive_mask(*logits.shape, row_ids, col_ids, logits.device).to(logits.dtype)
     return logits.logsumexp(1), logits.logsumexp(0), (logits * positives).sum(1), (logits * positives).sum(0)
 
@@ -657,15 +673,19 @@ def distill_module_loss(module, image_features: torch.Tensor, text_features: tor
     group, world, rank = module.group, module.world_size, module.rank
     n, m = image_features.shape[0], text_features.shape[0]
     all_text = all_gather_with_grad(text_features, group)
-    row_ids, col_ids, row_count, col_count = _clip_ids(image_ids, text_ids, rank, n, m, world, group,
-                                                       image_features.device)
+    all_ids = None if image_ids is None else _clip_counts(image_ids, text_ids, rank, n, m, group)
     stats = _distill_block_stats(image_features, all_text, scale, teacher_image, _gather(teacher_text, group),
-                                 teacher_scale, row_ids, col_ids, name)
+                                 teacher_scale, image_ids, None if all_ids is None else all_ids[2], name)
     lse, pos, cross = _column_merge(
         torch.stack([stats["col_lse"], stats["student_col_lse"], stats["teacher_col_lse"]]),
-        stats["col_pos"][None], group, weighted_parts=stats["col_cross"][None], weight=2)
-    rows_ce = stats["row_lse"] - (stats["row_pos"] if row_count is None else stats["row_pos"] / row_count)
-    cols_ce = lse[0] - (pos[0] if col_count is None else pos[0] / col_count)
+        None if all_ids is None else stats["col_pos"][None], group,
+        weighted_parts=stats["col_cross"][None], weight=2)
+    if all_ids is None:  # the global diagonal: rank r's positives are its own pairs
+        positive = _diagonal_logits(image_features, text_features, scale)
+        rows_ce, cols_ce = stats["row_lse"] - positive, lse[0] - positive
+    else:
+        rows_ce = stats["row_lse"] - stats["row_pos"] / all_ids[0]
+        cols_ce = lse[0] - pos[0] / all_ids[1]
     rows_kd, cols_kd = stats["student_row_lse"] - stats["row_cross"], lse[1] - cross[0]
     if module.local_loss:
         return 0.5 * (rows_ce.mean() + cols_ce.mean()), 0.5 * (rows_kd.mean() + cols_kd.mean())
