@@ -63,7 +63,7 @@ def check_against_reference(backend, dtype, case, target_grad):
     ref = run("reference", *as_reference(p, z), target_grad)
     assert out[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert all(g.dtype == dtype and g.shape == (n, d) for g in out[1:])
-    assert_close_to_reference(out, ref, dtype, ["loss", "d_online", "d_target"])
+    assert_close_to_reference(out, ref, dtype, ["loss", "d_online", "d_target"][:len(ref)])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

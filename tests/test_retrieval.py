@@ -5,7 +5,7 @@ import torch
 from open_clip_train.train import get_clip_metrics
 
 import pyclipfast as pcf
-from helpers import DEVICE, backend_dtype_params, features
+from helpers import DEVICE, backend_dtype_params, features, fresh_seed
 
 
 def _pair(nq, ng, d, dtype, seed, noise=1.0, **opts):
