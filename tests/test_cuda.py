@@ -14,6 +14,7 @@
 """
 import ctypes
 import importlib
+import importlib.util
 import inspect
 import os
 import shutil
@@ -74,6 +75,27 @@ def test_library_is_built_when_nvcc_and_ninja_are_present():
         importlib.import_module(f"pyclipfast.cuda.{loss}")
 
 
+def test_build_says_why_it_cannot_build(monkeypatch, tmp_path):
+    build = _builder()
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("nvcc") else real_access(p, mode))
+    assert build.why_not_buildable().startswith("no CUDA toolkit found")
+
+
+def test_build_architectures():
+    build = _builder()
+    assert build.parse_archs("8.0;9.0") == build.parse_archs("sm_90, 80") == ["80", "90"]
+    assert build.gencode_flags(["80", "90"]) == ["-gencode=arch=compute_80,code=sm_80",
+                                                 "-gencode=arch=compute_90,code=sm_90",
+                                                 "-gencode=arch=compute_90,code=compute_90"]
+    for bad in ("", "ninety"):
+        with pytest.raises(ValueError, match="PYCLIPFAST_CUDA_ARCHS"):
+            build.parse_archs(bad)
+
+
 def test_library_depends_on_no_torch_and_no_python(library):
     """readelf -d: the library needs only the C/C++ runtime (cudart is linked in statically)."""
     readelf = shutil.which("readelf")
@@ -94,19 +116,18 @@ def test_library_c_interface_version_and_tile(library):
 
 
 def test_missing_library_raises_import_error_saying_how_to_build(monkeypatch, tmp_path):
-    from pyclipfast.cuda import _library
-
+    # A fresh copy of the loader module: importing pyclipfast.cuda itself needs the library.
+    path = os.path.join(ROOT, "pyclipfast", "cuda", "_library.py")
+    spec = importlib.util.spec_from_file_location("pyclipfast_library_probe", path)
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
     monkeypatch.setenv("PYCLIPFAST_CUDA_LIBRARY", str(tmp_path / "libpyclipfast_cuda.so"))
-    _library.load.cache_clear()
-    try:
-        with pytest.raises(ImportError, match="is not built; build it with `python csrc/build.py`"):
-            _library.load()
-        (tmp_path / "libpyclipfast_cuda.so").write_bytes(b"not an ELF file")
-        with pytest.raises(ImportError, match="does not load"):
-            _library.load()
-    finally:
-        monkeypatch.undo()
-        _library.load.cache_clear()
+    with pytest.raises(ImportError, match="is not built; build it with `python csrc/build.py`"):
+        loader.load()
+    loader.load.cache_clear()
+    (tmp_path / "libpyclipfast_cuda.so").write_bytes(b"not an ELF file")
+    with pytest.raises(ImportError, match="does not load"):
+        loader.load()
 
 
 def test_library_reports_a_failed_launch_with_its_message(C):
@@ -117,6 +138,21 @@ def test_library_reports_a_failed_launch_with_its_message(C):
     fields.update(dtype=7, grad_scale=1.0, eps=1e-8)
     with pytest.raises(RuntimeError, match="cosine: unknown dtype code 7"):
         _library.call("cosine", fields)
+
+
+def test_gpu_check_plan_fits_one_command():
+    """benchmarks/gpu_check.sh --dry-run: the three stages in order, within the ~9-minute budget."""
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run"],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHON=sys.executable))
+    assert out.returncode == 0, out.stderr
+    plan = out.stdout
+    assert plan.index("  tests ") < plan.index("  goals ") < plan.index("  sanitize ")
+    total = next(line for line in plan.splitlines() if line.strip().startswith("total"))
+    assert "fits" in total and "DOES NOT FIT" not in total, total
+    assert int(total.split()[1]) <= 540, total
+    assert "InfoNCE fwd+bwd  N =  32768, D = 768:   6.60 TFLOP ->   8.35 ms" in plan, plan
 
 
 LAUNCHERS = [("clip", ["clip_forward", "clip_backward"]), ("siglip", ["siglip_forward"]),
@@ -190,6 +226,8 @@ BAD_ARGUMENTS = [
     ("clip_forward", dict(a=torch.randn(N * D)), ValueError, "a must be 2-D"),
     ("clip_forward", dict(a=torch.randn(0, D)), ValueError, "a must be non-empty"),
     ("clip_forward", dict(scale=torch.ones(2)), ValueError, "scale must be a vector of 1 elements"),
+    ("clip_forward", dict(scale=None), TypeError, "scale must be a torch.Tensor, got NoneType"),
+    ("siglip", dict(a=torch.randn(N, D).numpy()), TypeError, "a must be a torch.Tensor, got ndarray"),
     ("clip_forward", dict(scale=torch.ones(1, dtype=torch.float64)), TypeError, "scale must be float32"),
     ("clip_forward", dict(row_ids=torch.arange(N)), ValueError, "row_ids and col_ids must be given together"),
     ("clip_forward", dict(row_ids=torch.arange(N, dtype=torch.int32), col_ids=torch.arange(M, dtype=torch.int32)),

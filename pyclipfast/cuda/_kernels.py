@@ -183,7 +183,7 @@ def clip_forward(a: Tensor, b: Tensor, scale: Tensor, row_ids: OptTensor, col_id
     """InfoNCE forward sweep: per-group (max, sum-exp, positive sum) of rows and columns of S = s·A·Bᵀ."""
     dtype = _check_features(a, b)
     n, m = a.shape[0], b.shape[0]
-    _check_f32(scale, "scale", 1)
+    _check_f32(_tensor(scale, "scale"), "scale", 1)
     pos_mode = _check_ids(row_ids, col_ids, n, m)
     _check_groups("row", row_groups, row_blocks_per_group, math.ceil(n / BLOCK_M), INT32_MAX)
     _check_groups("col", col_groups, col_blocks_per_group, math.ceil(m / BLOCK_N), MAX_GRID_Y)
@@ -208,7 +208,7 @@ def clip_grad(a: Tensor, b: Tensor, scale: Tensor, row_ids: OptTensor, col_ids: 
     """InfoNCE gradient tiles G·inv_norm of one block of S and their dscale partials."""
     dtype = _check_features(a, b)
     n, m = a.shape[0], b.shape[0]
-    _check_f32(scale, "scale", 1)
+    _check_f32(_tensor(scale, "scale"), "scale", 1)
     pos_mode = _check_ids(row_ids, col_ids, n, m)
     if g_row is not None and row_lse is None:
         raise ValueError("g_row needs row_lse")
@@ -235,7 +235,7 @@ def siglip(a: Tensor, b: Tensor, scale: Tensor, bias: OptTensor, row_ids: OptTen
     """SigLIP loss/dscale/dbias partials and the gradient tile G of one block of S."""
     dtype = _check_features(a, b)
     n, m = a.shape[0], b.shape[0]
-    _check_f32(scale, "scale", 1)
+    _check_f32(_tensor(scale, "scale"), "scale", 1)
     _check_f32(bias, "bias", 1)
     pos_mode = _check_ids(row_ids, col_ids, n, m)
     tiles = _check_block(row0, row1, col0, col1, n, m)
@@ -296,7 +296,7 @@ def distill_forward(a: Tensor, b: Tensor, scale: Tensor, ta: OptTensor, tb: OptT
     """Distillation forward sweep: per-group statistics of Z, U and V along rows and columns."""
     dtype = _check_features(a, b)
     n, m = a.shape[0], b.shape[0]
-    _check_f32(scale, "scale", 1)
+    _check_f32(_tensor(scale, "scale"), "scale", 1)
     options = _distill_options(margin, threshold, kd, angle_eps)
     teacher = _distill_teacher(ta, tb, teacher_scale, a, b, options)
     pos_mode = _check_ids(row_ids, col_ids, n, m)
@@ -320,7 +320,7 @@ def distill_grad(a: Tensor, b: Tensor, scale: Tensor, ta: OptTensor, tb: OptTens
     """Distillation gradient tiles H·inv_norm of one block and their dscale partials."""
     dtype = _check_features(a, b)
     n, m = a.shape[0], b.shape[0]
-    _check_f32(scale, "scale", 1)
+    _check_f32(_tensor(scale, "scale"), "scale", 1)
     options = _distill_options(margin, threshold, kd, angle_eps)
     teacher = _distill_teacher(ta, tb, teacher_scale, a, b, options)
     pos_mode = _check_ids(row_ids, col_ids, n, m)
