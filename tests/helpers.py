@@ -15,6 +15,22 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, tor
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+# Seeds drawn by `fresh_seed` in the running test; conftest prints them when it fails.
+SEEDS: list = []
+
+
+def fresh_seed() -> int:
+    """A new seed for fresh random inputs on every run, recorded so a failure can be replayed."""
+    seed = torch.seed() % 2**31
+    SEEDS.append(seed)
+    return seed
+
+
+def block_params() -> list:
+    """The `blocks` fixture's values: each backend's own blocking, and on a GPU the small one too
+    (on the CPU the small blocking runs in each file's small-blocks test, on fewer cases)."""
+    return ["default"] + ([pytest.param("small", marks=pytest.mark.gpu)] if HAS_CUDA else [])
+
 
 def fast_backends() -> list:
     """Backends held to the reference here: chunked torch always; Triton (interpreted on the CPU);
@@ -28,9 +44,9 @@ def fast_backends() -> list:
 
 
 def dtypes_for(backend: str) -> list:
-    """float64 is the torch backend's; bf16 only on a GPU (the Triton interpreter has no bf16)."""
+    """float64 is the torch backend's; bf16 on the CPU only there (the Triton interpreter has no bf16)."""
     if backend == "torch":
-        return [torch.float64, torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
+        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
@@ -80,6 +96,8 @@ def as_reference(*tensors: torch.Tensor) -> list:
 def assert_close_to_reference(out, ref, dtype, names: Sequence[str]) -> None:
     """out/ref: sequences of tensors (loss, gradients...) compared with the dtype's tolerance."""
     tol = TOLERANCE[dtype]
+    assert len(out) == len(ref) and len(out) <= len(names), (
+        f"{len(out)} outputs, {len(ref)} reference values, names {', '.join(names)}")
     for name, o, r in zip(names, out, ref):
         assert o is not None, f"{name}: no value/gradient produced"
         assert torch.isfinite(o.detach().double()).all(), f"{name}: non-finite values"

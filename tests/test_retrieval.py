@@ -5,8 +5,7 @@ import torch
 from open_clip_train.train import get_clip_metrics
 
 import pyclipfast as pcf
-import pyclipfast.retrieval as retrieval
-from helpers import DEVICE, backend_dtype_params, features
+from helpers import DEVICE, backend_dtype_params, features, fresh_seed
 
 
 def _pair(nq, ng, d, dtype, seed, noise=1.0, **opts):
@@ -30,7 +29,7 @@ def _ks(ng):
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
 def test_default_ids_match_reference(backend, dtype, shape):
     n, d = shape
-    q, g = _pair(n, n, d, dtype, torch.seed() % 2**31, layout="strided")
+    q, g = _pair(n, n, d, dtype, fresh_seed(), layout="strided")
     out = pcf.recall_at_k(q, g, _ks(n), backend=backend)
     assert out == pcf.recall_at_k(q.double().cpu(), g.double().cpu(), _ks(n), backend="reference")
     assert list(out) == [f"R@{k}" for k in _ks(n)]
@@ -38,9 +37,8 @@ def test_default_ids_match_reference(backend, dtype, shape):
 
 @pytest.mark.parametrize("direction", ["image-to-text", "text-to-image"])
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
-def test_ids_match_reference(backend, dtype, direction, monkeypatch):
-    monkeypatch.setattr(retrieval, "PAIR_CHUNK", 7)  # positive pairs scored in several chunks
-    seed = torch.seed() % 2**31
+def test_ids_match_reference(backend, dtype, direction):
+    seed = fresh_seed()
     image_ids, text_ids = _caption_ids(23, 5, seed)  # 5 captions per image: 115 texts
     images = features(23, 12, dtype=torch.float64, seed=seed)
     texts = features(115, 12, dtype=torch.float64, seed=seed + 1) * 2.0 + images[text_ids.cpu()]
