@@ -34,8 +34,16 @@ needs_gpu = pytest.mark.skipif(not (HAS_CUDA and cuda_extension_available()),
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _source(*parts):
+    """A file of the source tree, or skip (an installed copy of the tests has no csrc/ or benchmarks/)."""
+    path = os.path.join(ROOT, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"no {os.path.join(*parts)} here (the tests run outside a source checkout)")
+    return path
+
+
 def _builder():
-    spec = importlib.util.spec_from_file_location("pyclipfast_csrc_build", os.path.join(ROOT, "csrc", "build.py"))
+    spec = importlib.util.spec_from_file_location("pyclipfast_csrc_build", _source("csrc", "build.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,8 +70,7 @@ def library():
 
 
 def test_library_is_built_when_nvcc_and_ninja_are_present():
-    if not os.path.exists(os.path.join(ROOT, "csrc", "build.py")):
-        pytest.skip("no csrc/ here (an installed copy of the tests)")
+    _source("csrc", "build.py")
     if os.environ.get("PYCLIPFAST_BUILD_CUDA", "auto").strip() == "0":
         pytest.skip("PYCLIPFAST_BUILD_CUDA=0 switches the CUDA build off")
     reason = _builder().why_not_buildable()
@@ -117,7 +124,7 @@ def test_library_c_interface_version_and_tile(library):
 
 def test_missing_library_raises_import_error_saying_how_to_build(monkeypatch, tmp_path):
     # A fresh copy of the loader module: importing pyclipfast.cuda itself needs the library.
-    path = os.path.join(ROOT, "pyclipfast", "cuda", "_library.py")
+    path = os.path.join(os.path.dirname(pcf.__file__), "cuda", "_library.py")
     spec = importlib.util.spec_from_file_location("pyclipfast_library_probe", path)
     loader = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loader)
@@ -144,7 +151,7 @@ def test_gpu_check_plan_fits_one_command():
     """benchmarks/gpu_check.sh --dry-run: the three stages in order, within the ~9-minute budget."""
     if shutil.which("bash") is None:
         pytest.skip("no bash")
-    out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run"],
+    out = subprocess.run(["bash", _source("benchmarks", "gpu_check.sh"), "--dry-run"],
                          capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHON=sys.executable))
     assert out.returncode == 0, out.stderr
     plan = out.stdout
