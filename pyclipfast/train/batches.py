@@ -14,20 +14,40 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, NamedTuple, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors with ForkingPickler)
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from .config import TrainConfig, UsageError, caption_choice, parse_rates
 from .data import (
     CaptionNoise, CsvCaptions, ResizeCropNormalize, SyntheticClipDataset, SyntheticScenes, WebDatasetCaptions,
-    collate_clip,
+    collate_clip, drop_unreadable,
 )
 from .runtime import Runtime
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+class _NoExtra(Mapping):
+    """The empty, read-only `extra` of a batch no transform has touched (picklable, unlike a mappingproxy)."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+NO_EXTRA: Mapping[str, torch.Tensor] = _NoExtra()
 
 
 class TokenizedBatch(NamedTuple):
@@ -43,7 +63,7 @@ class TokenizedBatch(NamedTuple):
     image_ids: Optional[torch.Tensor]
     text_ids: Optional[torch.Tensor]
     texts: Optional[tuple[str, ...]] = None
-    extra: Mapping[str, torch.Tensor] = MappingProxyType({})
+    extra: Mapping[str, torch.Tensor] = NO_EXTRA
 
     def to(self, device: torch.device) -> "TokenizedBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -64,15 +84,40 @@ class SyntheticCollate:
 
 
 class PairCollate:
-    """(image tensor, caption) pairs of real data: one caption per image, the diagonal positives."""
+    """(image tensor, caption) pairs of real data: one caption per image, the diagonal positives.
+
+    Unreadable rows (None from CsvCaptions) are dropped, so such a batch is smaller.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, samples: Sequence[tuple[torch.Tensor, str]]) -> TokenizedBatch:
+    def __call__(self, samples: Sequence[Optional[tuple[torch.Tensor, str]]]) -> TokenizedBatch:
+        samples = drop_unreadable(samples)
+        if not samples:
+            raise UsageError("--train-data: no image of a whole batch could be read (see the warnings above)")
         images = torch.stack([image for image, _ in samples])
         texts = tuple(caption for _, caption in samples)
         return TokenizedBatch(images, self.tokenizer(list(texts)), None, None, texts)
+
+
+class WorkerCollate:
+    """A collate function that, in a DataLoader worker, checks that its batch can reach the main process.
+
+    A worker hands its batch to a queue whose feeder thread pickles it; an object that cannot be
+    pickled there is dropped with a printed traceback and the main process waits forever. Pickling
+    it here with the same pickler (tensors move to shared memory once, as they would anyway) turns
+    that into an exception in the worker, which the DataLoader re-raises in the main process.
+    """
+
+    def __init__(self, collate: Callable[[Any], TokenizedBatch]) -> None:
+        self.collate = collate
+
+    def __call__(self, samples) -> TokenizedBatch:
+        batch = self.collate(samples)
+        if get_worker_info() is not None:
+            ForkingPickler.dumps(batch)
+        return batch
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -131,7 +176,7 @@ class TrainData:
             self.dataset.set_epoch(epoch)
         # The loader's own generator seeds its workers: creating it must not draw from the global
         # RNG, or a run resumed mid-epoch would drift from the uninterrupted one.
-        common = dict(collate_fn=self.collate, num_workers=self.workers,
+        common = dict(collate_fn=WorkerCollate(self.collate), num_workers=self.workers,
                       pin_memory=self.runtime.device.type == "cuda",
                       generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         if isinstance(self.dataset, IterableDataset):

@@ -17,18 +17,10 @@ from pyclipfast.train.batches import EpochBatches
 from pyclipfast.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from pyclipfast.train.config import parse_args
 from pyclipfast.train.metrics import read_metrics, without_timing
+from train_helpers import micro, write_images
 
 
 pytestmark = pytest.mark.usefixtures("real_tiles")
-
-
-def micro(tmp_path, **overrides) -> TrainConfig:
-    """A run of the 32×32 test model on a small synthetic split."""
-    settings = dict(model="pcf-micro-32", device="cpu", train_size=512, val_size=64, batch_size=64,
-                    chunk_size=16, steps=4, lr=3e-3, warmup=2, output_dir=str(tmp_path / "run"),
-                    progress=False, plots=False, eval_at_start=False, seed=0)
-    settings.update(overrides)
-    return TrainConfig(**settings)
 
 
 # ---------------------------------------------------------------------------------------------- learning
@@ -195,20 +187,6 @@ def test_epoch_batches_shard_disjointly_and_resume_in_place():
         assert [i for shard in shards for i in shard[k]] == batch  # rank order is batch order
     assert list(EpochBatches(100, 20, seed=3, epoch=1, start=2)) == full[2:]
     assert list(EpochBatches(100, 20, seed=3, epoch=2)) != full
-
-
-def write_images(folder, count, corrupt=()):
-    """`count` small PNGs (index i in `corrupt`: a truncated file instead)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"{i}.png"
-        buffer = io.BytesIO()
-        Image.fromarray(np.full((40, 48, 3), 20 * i % 255, dtype=np.uint8)).save(buffer, format="PNG")
-        data = buffer.getvalue()
-        path.write_bytes(data[:30] if i in corrupt else data)
-        paths.append(path)
-    return paths
 
 
 def test_csv_with_a_corrupt_image_is_skipped_and_counted(tmp_path, capsys):
