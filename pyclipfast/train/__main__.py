@@ -26,13 +26,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         result = train(cfg)
-    except UsageError as error:  # a setting or a data path the run cannot use: name it, no traceback
-        build_parser().error(str(error))
+    except UsageError as error:  # a setting or a data path the run cannot use: name it, no traceback, no usage
+        print(f"{build_parser().prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is intact (continue with --resume auto)", file=sys.stderr)
         return 130
-    print()
-    print(summary_table(result))
+    if result.is_main:
+        print()
+        print(summary_table(result))
     return 0
 
 

@@ -257,3 +257,67 @@ def real_val_pairs(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int) -> O
     kind = "webdataset" if ".tar" in cfg.val_data or "::" in cfg.val_data else "csv"
     dataset = _real_dataset(cfg.val_data, kind, cfg, image_size, "--val-data")
     return DataLoader(dataset, batch_size=256, collate_fn=PairCollate(tokenizer), num_workers=cfg.workers)
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """The per-rank parts of one batch field joined in rank order (None stays None)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(list(parts))
+    return tuple(item for part in parts for item in part)
+
+
+def gather_batch(batch: TokenizedBatch, runtime: Runtime) -> TokenizedBatch:
+    """The global batch, every rank's shard joined in rank order: what one process would hold.
+
+    All fields travel (torch.distributed.all_gather_object): the batch transforms and the methods'
+    loss terms need the whole batch, images included, to act as they would in one process.
+    """
+    if runtime.world_size == 1:
+        return batch
+    import torch.distributed as dist
+
+    shards: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(shards, batch._replace(extra=dict(batch.extra)))
+    fields = {name: _concat([getattr(shard, name) for shard in shards])
+              for name in ("images", "tokens", "image_ids", "text_ids", "texts")}
+    extra = {key: torch.cat([shard.extra[key] for shard in shards]) for key in shards[0].extra}
+    return TokenizedBatch(**fields, extra=extra)
+
+
+def shard_of(batch: TokenizedBatch, runtime: Runtime) -> TokenizedBatch:
+    """This rank's equal slice of a global batch (image rows, text rows; `extra` tensors by their length)."""
+    if runtime.world_size == 1:
+        return batch
+    world, rank = runtime.world_size, runtime.rank
+    images, texts = batch.images.shape[0] // world, batch.tokens.shape[0] // world
+
+    def rows(value, per_rank):
+        return None if value is None else value[rank * per_rank:(rank + 1) * per_rank]
+
+    def extra_rows(value):  # a tensor per image or per text (equal counts: the same slice)
+        return rows(value, images if len(value) == batch.images.shape[0] else texts)
+
+    return TokenizedBatch(rows(batch.images, images), rows(batch.tokens, texts), rows(batch.image_ids, images),
+                          rows(batch.text_ids, texts), rows(batch.texts, texts),
+                          {key: extra_rows(value) for key, value in batch.extra.items()})
+
+
+def trim_to_common_size(batch: TokenizedBatch, runtime: Runtime) -> TokenizedBatch:
+    """The first k pairs of a one-caption-per-image batch, k the smallest batch over the ranks.
+
+    A CSV batch loses its unreadable rows; the global batch must still split evenly over the ranks.
+    """
+    if runtime.world_size == 1:
+        return batch
+    import torch.distributed as dist
+
+    count = torch.tensor([batch.images.shape[0]], dtype=torch.int64, device=runtime.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    k = int(count)
+    if k == batch.images.shape[0]:
+        return batch
+    return batch._replace(images=batch.images[:k], tokens=batch.tokens[:k], texts=batch.texts[:k])

@@ -50,6 +50,7 @@ def atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -60,6 +61,13 @@ def atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
             os.unlink(temporary)
         raise
     _fsync_directory(path.parent)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -114,6 +122,21 @@ def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.
         "rng": rng_states(),
         "config": config,
     }
+    atomic_write(path, lambda file: torch.save(state, file))
+
+
+WEIGHTS_NAME = "open_clip_weights.pt"
+
+
+def export_weights(path: PathLike, model: torch.nn.Module) -> None:
+    """Write the model's state dict alone, atomically: the file open_clip loads.
+
+        open_clip.create_model(name, pretrained=path)   # or: --pretrained path, in this trainer
+
+    (a model config shipped with the trainer must be registered first: ``open_clip.add_model_config``
+    with pyclipfast/train/configs; a SigLIP model needs ``init_logit_bias`` for its bias.)
+    """
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     atomic_write(path, lambda file: torch.save(state, file))
 
 

@@ -361,8 +361,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     try:
         check_config(cfg)
-    except UsageError as error:
-        parser.error(str(error))
+    except UsageError as error:  # a value argparse accepted but the run cannot use: the one line, no usage text
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return cfg
 
 

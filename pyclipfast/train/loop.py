@@ -18,6 +18,8 @@ with those it is given.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,8 +32,13 @@ from tqdm.auto import tqdm
 import pyclipfast.distributed as pcf_dist
 
 from .attribute_probe import AttributeProbe
-from .batches import TokenizedBatch, build_train_data, dataset_type, real_val_pairs, synthetic_split
-from .checkpoint import Progress, check_compatible, load_checkpoint, restore, save_checkpoint
+from .batches import (
+    TokenizedBatch, build_train_data, dataset_type, gather_batch, real_val_pairs, shard_of, synthetic_split,
+    trim_to_common_size,
+)
+from .checkpoint import (
+    WEIGHTS_NAME, Progress, check_compatible, export_weights, load_checkpoint, restore, save_checkpoint,
+)
 from .config import TrainConfig, UsageError, caption_choice, check_config, with_method_defaults
 from .evaluate import PairRetrievalEvaluation, SyntheticEvaluation, autocast_context, evaluate
 from .gradcache import grad_cache_step
@@ -41,7 +48,8 @@ from .methods import build_methods
 from .metrics import MetricsLog, plot_metrics
 from .model import create_model, create_tokenizer, image_size, model_config, resolve_model_name
 from .runtime import (
-    Runtime, all_reduce_mean, choose_threads, seed_everything, setup_runtime, sum_gradients, teardown_runtime,
+    Runtime, all_gather_with_grad, all_reduce_mean, choose_threads, gather_rows, global_term, seed_everything,
+    setup_runtime, sum_gradients, teardown_runtime,
 )
 
 
@@ -60,6 +68,8 @@ class TrainResult:
     skipped: int
     seconds: float
     loss_memory: Optional[dict[str, Any]] = None
+    is_main: bool = True  # False on the other ranks of a torchrun job (their evaluations are not reported)
+    weights: Optional[Path] = None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
@@ -113,8 +123,10 @@ class _Run:
         self.cfg, self.runtime = cfg, runtime
         self.out = Path(cfg.output_dir)
         self.checkpoint_path = self.out / "checkpoint.pt"
+        self.weights_path = self.out / WEIGHTS_NAME
         seed_everything(cfg.seed)
         self.model = create_model(cfg.model, cfg.loss, runtime.device, cfg.pretrained)
+        check_chunking(self.model, cfg, runtime)
         self.tokenizer = create_tokenizer(cfg.model)
         size = image_size(self.model)
         self.data = build_train_data(cfg, self.tokenizer, size, runtime)
@@ -124,6 +136,10 @@ class _Run:
         self.optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(cfg.warmup, cfg.steps))
         self.loss = contrastive_loss(cfg)
+        self.trained_parameters = [p for module in (self.model, *self.hooks.modules.values())
+                                   for p in module.parameters() if p.requires_grad]
+        self.hooks_see_batch = bool(self.hooks.batch_transform or self.hooks.loss or self.hooks.loss_terms)
+        self.csv_data = dataset_type(cfg) == "csv"
         self.progress = Progress()
         self.first_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
@@ -168,28 +184,44 @@ class _Run:
         return [images, texts]
 
     def train_step(self, batch: TokenizedBatch) -> dict[str, float]:
-        """One optimizer step on `batch` (this rank's shard); returns the loss terms."""
+        """One optimizer step on `batch` (this rank's shard); returns the loss terms and the step's lr."""
         step = self.progress.step + 1
-        if self.hooks.batch_transform is not None:
-            batch = self.hooks.batch_transform(batch, step_generator(self.cfg.seed, step))
+        world = self.runtime.world_size
+        if world > 1 and self.csv_data:
+            batch = trim_to_common_size(batch, self.runtime)
+        global_batch = gather_batch(batch, self.runtime) if world > 1 and self.hooks_see_batch else batch
+        if self.hooks.batch_transform is not None:  # on the global batch: the draws of one process
+            global_batch = self.hooks.batch_transform(global_batch, step_generator(self.cfg.seed, step))
+            batch = shard_of(global_batch, self.runtime)
         batch = batch.to(self.runtime.device)
+        global_batch = global_batch.to(self.runtime.device) if world > 1 and self.hooks_see_batch else batch
+
+        def hook_context(image_features, text_features) -> tuple[LossContext, Callable[[dict], dict]]:
+            """What the hooks see (the global batch) and how their terms enter this rank's loss."""
+            if world == 1:
+                return LossContext(image_features, text_features, batch, self.model, step), lambda parts: parts
+            context = LossContext(all_gather_with_grad(image_features), all_gather_with_grad(text_features),
+                                  global_batch, self.model, step, local_batch=batch, gather=gather_rows)
+            return context, lambda parts: {name: global_term(value, world) for name, value in parts.items()}
 
         def loss_fn(image_features, text_features):
-            context = LossContext(image_features, text_features, batch, self.model, step)
+            if self.hooks.loss is not None or self.hooks.loss_terms:
+                context, scaled = hook_context(image_features, text_features)
             if self.hooks.loss is not None:
-                parts = self.hooks.loss(context)
+                parts = scaled(self.hooks.loss(context))
             else:
                 parts = {"contrastive": self.loss(self.model, image_features, text_features, batch.image_ids,
                                                   batch.text_ids)}
             for term in self.hooks.loss_terms:
-                parts.update(term(context))
+                parts.update(scaled(term(context)))
             return sum(parts.values()), {name: value.detach() for name, value in parts.items()}
 
         self.optimizer.zero_grad(set_to_none=True)
         loss, terms = grad_cache_step(self._encoders(), [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size)
-        sum_gradients(self.model.parameters(), self.runtime)
+        sum_gradients(self.trained_parameters, self.runtime)
         if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():  # open_clip's clamp: the temperature never exceeds 100
@@ -198,6 +230,7 @@ class _Run:
             self.hooks.after_step(self.model, step)
         values = {"loss": float(loss)}
         values.update({f"loss/{name}": float(value) for name, value in terms.items() if len(terms) > 1})
+        values["lr"] = lr
         return values
 
     # ------------------------------------------------------------------ evaluation, saving
@@ -208,10 +241,12 @@ class _Run:
                         batch_size=max(64, min(chunk, 1024)))
 
     def save(self) -> None:
+        """The resumable checkpoint.pt and, beside it, the weights open_clip loads (open_clip_weights.pt)."""
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict(),
                             modules=self.hooks.modules)
+            export_weights(self.weights_path, self.model)
 
     def batches(self):
         """(batch) forever, epoch after epoch, starting where the progress says."""
@@ -240,6 +275,43 @@ def loss_memory_rows(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     return {"dim": dim, "method": memory_method(runtime.device), "rows": rows}
 
 
+def check_chunking(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime) -> None:
+    """Refuse gradient caching for a model with BatchNorm: chunks would be normalised by their own statistics.
+
+    Re-encoding a batch in chunks reproduces it exactly only when every layer treats samples
+    independently; BatchNorm's batch statistics differ per chunk, so the loss and gradients would
+    not be those of the whole batch (RN50: a different loss and vision gradients far apart).
+    """
+    per_rank = cfg.batch_size // runtime.world_size
+    if cfg.chunk_size is None or cfg.chunk_size >= per_rank:
+        return
+    norms = [name for name, module in model.named_modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise UsageError(f"--chunk-size {cfg.chunk_size}: {cfg.model} has BatchNorm layers ({norms[0]}, ... "
+                         f"{len(norms)} in all), whose batch statistics differ per chunk, so gradient caching would "
+                         f"not compute the step of the whole batch; train it without --chunk-size (or with a chunk "
+                         f"of at least the per-process batch, {per_rank}), or choose a model without BatchNorm (ViT)")
+
+
+def check_output_dir(path: Path) -> None:
+    """Create --output-dir and make sure a file can be written there, before anything else runs."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output-dir {path}: cannot write there ({error.strerror or error})") from error
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """--backend triton/cuda need a CUDA device (the Triton interpreter, TRITON_INTERPRET=1, aside)."""
+    if device.type == "cuda":
+        return
+    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise UsageError(f"--backend {backend} runs on CUDA devices and this run is on the {device.type}; "
+                         f"use --backend auto or torch")
+
+
 def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[str], None] = print) -> TrainResult:
     """Run the training `cfg` describes; returns the evaluations, paths and counts (main process values)."""
     check_config(cfg)
@@ -247,7 +319,9 @@ def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[st
     resolve_model_name(cfg.model)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
         raise UsageError(f"--resume: no checkpoint at {cfg.resume}")
+    check_output_dir(Path(cfg.output_dir))
     runtime = setup_runtime(cfg.device)
+    check_backend(cfg.backend, runtime.device)
     note = choose_threads(cfg.threads, runtime.device)
     if note is not None and runtime.is_main:
         echo(note)
@@ -293,7 +367,7 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
         bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
         if step % cfg.log_every == 0 or step == stop:
             write({"kind": "train", "step": step, "epoch": run.progress.epoch, **values,
-                   "lr": run.scheduler.get_last_lr()[0], "logit_scale": run.model.logit_scale.exp().item(),
+                   "logit_scale": run.model.logit_scale.exp().item(),
                    "samples_per_s": samples_per_s, "skipped": run.data.skipped})
         if run.evaluations and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             run.last_eval = run.evaluate()
@@ -317,4 +391,5 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
     return TrainResult(config=cfg, first_eval=run.first_eval, last_eval=run.last_eval, step=run.progress.step,
                        output_dir=run.out, checkpoint=run.checkpoint_path if run.checkpoint_path.is_file() else None,
                        metrics_path=run.out / "metrics.jsonl", plots=plots, skipped=skipped,
-                       seconds=time.perf_counter() - start_time, loss_memory=loss_memory)
+                       seconds=time.perf_counter() - start_time, loss_memory=loss_memory, is_main=runtime.is_main,
+                       weights=run.weights_path if run.weights_path.is_file() else None)

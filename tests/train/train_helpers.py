@@ -1,10 +1,14 @@
 """Helpers shared by the trainer tests: a tiny run's config, image files on disk."""
 import io
+import multiprocessing
+import os
+import socket
 
 import numpy as np
+import torch
 from PIL import Image
 
-from pyclipfast.train import TrainConfig
+from pyclipfast.train import TrainConfig, train
 
 
 def micro(tmp_path, **overrides) -> TrainConfig:
@@ -28,3 +32,37 @@ def write_images(folder, count, corrupt=()):
         path.write_bytes(data[:30] if i in corrupt else data)
         paths.append(path)
     return paths
+
+
+def _rank_main(rank: int, world_size: int, port: int, settings: dict, errors) -> None:
+    """One torchrun-like process: the environment torchrun would set, then train()."""
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(**settings))
+    except BaseException as error:  # report to the parent instead of dying silently
+        errors.put(f"rank {rank}: {error!r}")
+
+
+def run_on_ranks(config: TrainConfig, world_size: int, timeout: float = 240) -> list[str]:
+    """Train `config` on `world_size` forked gloo processes; returns their errors and non-zero exit codes."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("fork")
+    errors = context.Queue()
+    ranks = [context.Process(target=_rank_main, args=(rank, world_size, port, config.to_dict(), errors))
+             for rank in range(world_size)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=timeout)
+    alive = [p for p in ranks if p.is_alive()]
+    for process in alive:
+        process.kill()
+    assert not alive, f"{len(alive)} rank(s) still running after {timeout} s"
+    messages = [f"rank {rank}: exit code {p.exitcode}" for rank, p in enumerate(ranks) if p.exitcode != 0]
+    while not errors.empty():
+        messages.append(errors.get())
+    return messages
