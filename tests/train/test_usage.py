@@ -1,6 +1,9 @@
 """The trainer as open_clip users run it: DataLoader workers, open_clip CSVs and weights, clear early errors."""
 import contextlib
+import io
+import json
 import signal
+import tarfile
 import time
 from types import MappingProxyType
 
@@ -13,7 +16,7 @@ from pyclipfast.train import TrainConfig, UsageError, train
 from pyclipfast.train.batches import SyntheticCollate
 from pyclipfast.train.data import SyntheticClipDataset
 from pyclipfast.train.metrics import read_metrics
-from pyclipfast.train.model import register_configs
+from pyclipfast.train.model import create_model, register_configs
 
 from train_helpers import micro, run_on_ranks, write_images
 
@@ -34,6 +37,18 @@ def deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
+def write_shards(folder, shards, per_shard):
+    """Webdataset shards shard-<k>.tar of small PNGs with captions."""
+    paths = write_images(folder / "images", shards * per_shard)
+    for shard in range(shards):
+        with tarfile.open(folder / f"shard-{shard}.tar", "w") as tar:
+            for i in range(shard * per_shard, (shard + 1) * per_shard):
+                for name, data in ((f"{i:04d}.png", paths[i].read_bytes()), (f"{i:04d}.txt", b"a grey square")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
 # ---------------------------------------------------------------------------------------------- workers
 
 def test_workers_train_on_the_built_in_data(tmp_path):
@@ -41,6 +56,14 @@ def test_workers_train_on_the_built_in_data(tmp_path):
         result = train(micro(tmp_path, workers=2, steps=2, train_size=128, batch_size=32))
     assert result.step == 2
     assert [r["step"] for r in read_metrics(result.metrics_path) if r["kind"] == "train"] == [1, 2]
+
+
+def test_workers_read_webdataset_shards(tmp_path):
+    write_shards(tmp_path, shards=2, per_shard=8)
+    with deadline(120):
+        result = train(micro(tmp_path, train_data=str(tmp_path / "shard-{0..1}.tar"), batch_size=4, chunk_size=None,
+                             steps=3, workers=2))
+    assert result.step == 3
 
 
 def test_a_failing_worker_ends_the_run_with_its_error(tmp_path, monkeypatch):
@@ -116,3 +139,87 @@ def test_methods_on_two_ranks_take_the_single_process_steps(tmp_path, method):
 
 def _cache(method, directory):
     return {"teacher_cache": str(directory)} if method == "teacher" else {}
+
+
+def test_fewer_shards_than_ranks_is_a_message_on_every_rank(tmp_path):
+    write_shards(tmp_path, shards=1, per_shard=4)
+    errors = run_on_ranks(micro(tmp_path, train_data=str(tmp_path / "shard-0.tar"), batch_size=4, chunk_size=None,
+                                steps=1), 2, timeout=60)
+    assert sorted(e.split(":")[0] for e in errors) == ["rank 0", "rank 1"], errors
+    assert all("1 shard(s) for 2 processes" in e for e in errors), errors
+
+
+def test_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_path):
+    import pyclipfast.train.loop as loop
+    from pyclipfast.train.__main__ import main
+
+    def other_rank(cfg):
+        return loop.TrainResult(config=cfg, first_eval={}, last_eval={}, step=1, output_dir=tmp_path, checkpoint=None,
+                                metrics_path=tmp_path / "metrics.jsonl", plots=[], skipped=0, seconds=1.0,
+                                is_main=False)
+    monkeypatch.setattr(loop, "train", other_rank)
+    assert main(["--model", "pcf-micro-32", "--device", "cpu", "--output-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+def test_exported_weights_load_in_open_clip_with_the_same_embeddings(tmp_path):
+    result = train(micro(tmp_path, steps=2, train_size=64, batch_size=32))
+    assert result.weights == tmp_path / "run" / "open_clip_weights.pt"
+    trained = create_model("pcf-micro-32", "clip", torch.device("cpu"))
+    trained.load_state_dict(torch.load(result.checkpoint, weights_only=True)["model"])
+    register_configs()
+    exported = open_clip.create_model("pcf-micro-32", pretrained=str(result.weights))
+    from_checkpoint = create_model("pcf-micro-32", "clip", torch.device("cpu"), pretrained=str(result.checkpoint))
+    from_weights = create_model("pcf-micro-32", "clip", torch.device("cpu"), pretrained=str(result.weights))
+    images, tokens = torch.randn(4, 3, 32, 32), open_clip.get_tokenizer("pcf-micro-32")(["a red circle"] * 4)
+    expected = trained.eval().encode_image(images), trained.encode_text(tokens)
+    assert not torch.allclose(expected[0], create_model("pcf-micro-32", "clip", torch.device("cpu")).eval()
+                              .encode_image(images))  # training moved the weights: the comparison can fail
+    for model in (exported, from_checkpoint, from_weights):
+        model.eval()
+        assert torch.equal(model.encode_image(images), expected[0])
+        assert torch.equal(model.encode_text(tokens), expected[1])
+
+
+def test_pretrained_tag_without_network_says_a_local_file_is_needed(tmp_path):
+    with pytest.raises(UsageError, match="--pretrained 'openai'.*give the local file"):
+        train(micro(tmp_path, pretrained="openai"))
+
+
+# ---------------------------------------------------------------------------------------------- early errors
+
+def test_batchnorm_with_chunks_is_refused(tmp_path):
+    config = tmp_path / "tiny-resnet.json"
+    config.write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }))
+    with pytest.raises(UsageError, match=r"--chunk-size 16: .*BatchNorm layers \(visual.bn1"):
+        train(micro(tmp_path, model=str(config)))
+
+
+def test_unwritable_output_dir_fails_before_anything_runs(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UsageError, match="--output-dir .*a-file/run: cannot write there"):
+        train(micro(tmp_path, output_dir=str(tmp_path / "a-file" / "run")))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_backends_on_a_cpu_run_are_refused(tmp_path, monkeypatch, backend):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UsageError, match=f"--backend {backend} runs on CUDA devices"):
+        train(micro(tmp_path, backend=backend))
+
+
+def test_data_errors_are_one_line_without_the_usage_text(tmp_path, capsys):
+    from pyclipfast.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "pcf-micro-32", "--device", "cpu", "--train-data", str(tmp_path / "missing.csv"),
+              "--output-dir", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage:" not in error
+    assert error.count("\n") == 1 and "error: --train-data" in error

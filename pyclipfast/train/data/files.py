@@ -202,6 +202,8 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         shuffle_buffer: 0 reads shards and samples in order; n > 0 shuffles the shard order and
             samples through a buffer of n, reproducibly from (seed, epoch).
         seed: base seed of the shuffle.
+        split_by_node: each torch.distributed rank reads its own shards (training); False: every
+            rank reads them all (evaluation on the whole set).
     """
 
     def __init__(
@@ -211,6 +213,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         *,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        split_by_node: bool = True,
     ) -> None:
         if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be a non-negative int, got {shuffle_buffer!r}")
@@ -220,6 +223,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         self.transform = transform
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.split_by_node = split_by_node
         self.epoch = 0
         self.skipped = SkipCounter()
 
@@ -239,7 +243,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         shards = list(self.shards)
         if self.shuffle_buffer:
             rng.shuffle(shards)
-        for shard in wds.split_by_worker(wds.split_by_node(shards)):
+        for shard in wds.split_by_worker(wds.split_by_node(shards) if self.split_by_node else shards):
             yield {"url": shard}
 
     def __iter__(self) -> Iterator[tuple[Any, str]]:
