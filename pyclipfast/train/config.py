@@ -214,12 +214,35 @@ def _optional(kind: type):
     return parse
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default once, as Python writes it ('\\t', not an invisible tab); none where the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        shown = repr(action.default) if isinstance(action.default, str) else str(action.default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class _Formatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag help wrapped, the epilog as written."""
+
+
+EPILOG = """\
+subcommand:
+  python -m pyclipfast.train experiments [--preset quick|full] [--jobs N] ...
+      train every method variant with several seeds and write the methods' results table
+      (see python -m pyclipfast.train experiments --help)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m pyclipfast.train`, one flag per TrainConfig field."""
     parser = argparse.ArgumentParser(
         prog="python -m pyclipfast.train",
         description="Train a CLIP model with pyclipfast's fused losses and gradient caching.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=lambda prog: _Formatter(prog), epilog=EPILOG,
     )
     for field in dataclasses.fields(TrainConfig):
         flag, default, help_text = _flag(field.name), field.default, _HELP[field.name]
