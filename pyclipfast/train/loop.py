@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -261,6 +262,41 @@ class _Run:
             self.progress.batch_in_epoch = 0
 
 
+# Where stderr is not a terminal (a log file, a job scheduler), progress is a line this often.
+PROGRESS_SECONDS = 30.0
+
+
+class ProgressLines:
+    """tqdm's interface for logs: a plain line every PROGRESS_SECONDS (and at the last step), no carriage returns."""
+
+    def __init__(self, total: int, initial: int, echo: Callable[[str], None]) -> None:
+        self.total, self.n, self.echo = total, initial, echo
+        self.start = self.last = time.perf_counter()
+        self.postfix: dict[str, str] = {}
+
+    def set_postfix(self, refresh: bool = True, **values: str) -> None:
+        self.postfix = values
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_SECONDS or self.n == self.total:
+            self.last = now
+            values = "".join(f", {name} {value}" for name, value in self.postfix.items())
+            self.echo(f"train: step {self.n}/{self.total} ({100 * self.n / self.total:.0f}%), "
+                      f"{now - self.start:.0f} s{values}")
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, enabled: bool, echo: Callable[[str], None]):
+    """A tqdm bar on a terminal, ProgressLines in a log, a disabled tqdm when `enabled` is False."""
+    if enabled and not sys.stderr.isatty():
+        return ProgressLines(total, initial, echo)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
 # On a CPU the demo's batch is small enough that the N×N logits are a few MB; one larger batch
 # shows how the two losses scale (open_clip needs ≈ 1 GB there, still fine on a laptop).
 CPU_MEMORY_BATCH = 8192
@@ -352,8 +388,7 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
         write({"kind": "eval", "step": 0, **run.first_eval})
 
     stop = cfg.stop_at if cfg.stop_at is not None else cfg.steps
-    bar = tqdm(total=stop, initial=run.progress.step, disable=not (cfg.progress and runtime.is_main),
-               desc="train", unit="step", dynamic_ncols=True)
+    bar = progress_bar(stop, run.progress.step, cfg.progress and runtime.is_main, echo)
     batches = run.batches()
     while run.progress.step < stop:
         tick = time.perf_counter()
@@ -363,8 +398,8 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
         seconds = time.perf_counter() - tick
         samples_per_s = all_reduce_mean(cfg.batch_size / seconds, runtime)
         step = run.progress.step
+        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{samples_per_s:.0f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
         if step % cfg.log_every == 0 or step == stop:
             write({"kind": "train", "step": step, "epoch": run.progress.epoch, **values,
                    "logit_scale": run.model.logit_scale.exp().item(),

@@ -2,7 +2,10 @@
 import contextlib
 import io
 import json
+import re
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 from types import MappingProxyType
@@ -12,7 +15,8 @@ import open_clip
 import pytest
 import torch
 
-from pyclipfast.train import TrainConfig, UsageError, train
+import pyclipfast.train.loop as loop
+from pyclipfast.train import UsageError, train
 from pyclipfast.train.batches import SyntheticCollate
 from pyclipfast.train.data import SyntheticClipDataset
 from pyclipfast.train.metrics import read_metrics
@@ -51,11 +55,18 @@ def write_shards(folder, shards, per_shard):
 
 # ---------------------------------------------------------------------------------------------- workers
 
-def test_workers_train_on_the_built_in_data(tmp_path):
+def test_workers_train_on_the_built_in_data(tmp_path, monkeypatch, capsys):
+    """Also: progress in a log (stderr is no terminal here) is plain lines, one per PROGRESS_SECONDS."""
+    monkeypatch.setattr(loop, "PROGRESS_SECONDS", 0.0)
     with deadline(120):
-        result = train(micro(tmp_path, workers=2, steps=2, train_size=128, batch_size=32))
+        result = train(micro(tmp_path, workers=2, steps=2, train_size=128, batch_size=32, progress=True))
     assert result.step == 2
-    assert [r["step"] for r in read_metrics(result.metrics_path) if r["kind"] == "train"] == [1, 2]
+    records = [r for r in read_metrics(result.metrics_path) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["lr"] == pytest.approx(3e-3 / 2)  # warmup 2: the first step's own rate, not the next one's
+    printed = capsys.readouterr()
+    assert "\r" not in printed.out + printed.err
+    assert re.findall(r"train: step (\d)/2 \(\d+%\), \d+ s, loss \d\.\d{4}", printed.out) == ["1", "2"]
 
 
 def test_workers_read_webdataset_shards(tmp_path):
@@ -223,3 +234,14 @@ def test_data_errors_are_one_line_without_the_usage_text(tmp_path, capsys):
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "usage:" not in error
     assert error.count("\n") == 1 and "error: --train-data" in error
+
+
+def test_console_script_without_the_train_extra_says_what_to_install():
+    """A base install (no Pillow, here hidden) gets the one-line hint, not `No module named 'PIL'`."""
+    code = ("import sys; sys.modules['PIL'] = None\n"
+            "from pyclipfast.train.__main__ import main\n"
+            "sys.exit(main(['--preset', 'cpu-demo']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("pyclipfast-train: the trainer needs its extra dependencies: "
+                                          "pip install 'pyclipfast[train]'"), done.stderr
