@@ -12,6 +12,7 @@ the epoch's stream up to batch k.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
@@ -158,11 +159,14 @@ class TrainData:
     runtime: Runtime
     seed: int
     workers: int
+    num_samples: Optional[int] = None  # --train-num-samples: the samples of one epoch
 
     @property
     def batches_per_epoch(self) -> Optional[int]:
         """Global batches in one epoch (None for a stream of unknown length)."""
-        return None if isinstance(self.dataset, IterableDataset) else len(self.dataset) // self.batch_size
+        if isinstance(self.dataset, IterableDataset):
+            return None if self.num_samples is None else self.num_samples // self.batch_size
+        return min(len(self.dataset), self.num_samples or len(self.dataset)) // self.batch_size
 
     @property
     def skipped(self) -> int:
@@ -185,11 +189,12 @@ class TrainData:
             batches = iter(loader)
             for _ in range(start):  # replay the stream up to where the interrupted run stopped
                 next(batches, None)
-            yield from batches
+            yield from itertools.islice(batches, None if self.num_samples is None else self.batches_per_epoch - start)
             return
         sampler = EpochBatches(len(self.dataset), self.batch_size, seed=self.seed, epoch=epoch, start=start,
                                rank=self.runtime.rank, world_size=self.runtime.world_size)
-        yield from DataLoader(self.dataset, batch_sampler=sampler, **common)
+        yield from itertools.islice(DataLoader(self.dataset, batch_sampler=sampler, **common),
+                                    max(0, self.batches_per_epoch - start))
 
 
 def dataset_type(cfg: TrainConfig) -> str:
@@ -253,7 +258,7 @@ def build_train_data(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int, ru
                          f"{runtime.world_size} shards")
     if not isinstance(dataset, IterableDataset) and len(dataset) < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(dataset)} samples)")
-    return TrainData(dataset, collate, cfg.batch_size, runtime, cfg.seed, cfg.workers)
+    return TrainData(dataset, collate, cfg.batch_size, runtime, cfg.seed, cfg.workers, cfg.train_num_samples)
 
 
 def real_val_pairs(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int) -> Optional[DataLoader]:

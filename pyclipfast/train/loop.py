@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +32,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+import pyclipfast
 import pyclipfast.distributed as pcf_dist
 
 from .attribute_probe import AttributeProbe
@@ -38,7 +41,7 @@ from .batches import (
     trim_to_common_size,
 )
 from .checkpoint import (
-    WEIGHTS_NAME, Progress, check_compatible, export_weights, load_checkpoint, restore, save_checkpoint,
+    WEIGHTS_NAME, Progress, atomic_write, check_compatible, export_weights, load_checkpoint, restore, save_checkpoint,
 )
 from .config import TrainConfig, UsageError, caption_choice, check_config, with_method_defaults
 from .evaluate import PairRetrievalEvaluation, SyntheticEvaluation, autocast_context, evaluate
@@ -99,8 +102,49 @@ def cosine_schedule(warmup: int, steps: int) -> Callable[[int], float]:
     return factor
 
 
-def contrastive_loss(cfg: TrainConfig) -> Callable[..., torch.Tensor]:
-    """The loss of the global batch: pyclipfast.distributed's clip/siglip (single-process when not launched)."""
+def lr_schedule(cfg: TrainConfig, batches_per_epoch: Optional[int]) -> Callable[[int], float]:
+    """The learning-rate factor of --lr-scheduler (open_clip's cosine_lr, const_lr, const_lr_cooldown).
+
+    Every schedule warms up linearly over --warmup steps. const-cooldown then holds the rate until
+    the last --epochs-cooldown epochs, where it decays as (1 − e/E)^power from --lr to --lr-cooldown-end.
+    """
+    if cfg.lr_scheduler == "cosine":
+        return cosine_schedule(cfg.warmup, cfg.steps)
+    cooldown = 0 if cfg.lr_scheduler == "const" else cfg.epochs_cooldown * batches_per_epoch
+    start = cfg.steps - cooldown
+    end = cfg.lr_cooldown_end / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if step < start:
+            return 1.0
+        decay = (1 - min(1.0, (step - start) / max(1, cooldown))) ** cfg.lr_cooldown_power
+        return decay * (1 - end) + end
+    return factor
+
+
+def contrastive_loss(cfg: TrainConfig, runtime: Runtime) -> Callable[..., torch.Tensor]:
+    """The loss of the global batch: pyclipfast.distributed's clip/siglip (single-process when not launched).
+
+    With --local-loss, --gather-with-grad or --siglip-dist-impl on several processes: open_clip's
+    ClipLoss / SigLipLoss (pyclipfast's drop-ins) with those settings, each rank's loss averaged over
+    the ranks' gradients as DDP does with open_clip.
+    """
+    world = runtime.world_size
+    if world > 1 and (cfg.local_loss or cfg.gather_with_grad or cfg.siglip_dist_impl is not None):
+        if cfg.loss == "clip":
+            module = pyclipfast.ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                                         rank=runtime.rank, world_size=world, backend=cfg.backend)
+        else:
+            module = pyclipfast.SigLipLoss(rank=runtime.rank, world_size=world, dist_impl=cfg.siglip_dist_impl,
+                                           backend=cfg.backend)
+
+        def open_clip_loss(model, image_features, text_features, image_ids, text_ids):
+            bias = model.logit_bias if cfg.loss == "siglip" else None
+            return global_term(module(image_features, text_features, model.logit_scale.exp(), bias), world)
+        return open_clip_loss
+
     def loss(model, image_features, text_features, image_ids, text_ids):
         scale = model.logit_scale.exp()
         if cfg.loss == "clip":
@@ -127,16 +171,29 @@ class _Run:
         self.weights_path = self.out / WEIGHTS_NAME
         seed_everything(cfg.seed)
         self.model = create_model(cfg.model, cfg.loss, runtime.device, cfg.pretrained)
+        prepare_model(self.model, cfg)
         check_chunking(self.model, cfg, runtime)
         self.tokenizer = create_tokenizer(cfg.model)
         size = image_size(self.model)
         self.data = build_train_data(cfg, self.tokenizer, size, runtime)
+        self.batches_per_epoch = self.data.batches_per_epoch
+        if cfg.epochs is not None:
+            if self.batches_per_epoch is None:
+                raise UsageError("--epochs: webdataset shards have no length; give --train-num-samples (samples per "
+                                 "epoch) too")
+            cfg = self.cfg = dataclasses.replace(cfg, steps=cfg.epochs * self.batches_per_epoch)
+            if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
+                raise UsageError(f"--stop-at must be in [1, {cfg.steps}] (--epochs {cfg.epochs}); got {cfg.stop_at}")
+        if cfg.save_frequency and self.batches_per_epoch is None:
+            raise UsageError("--save-frequency counts epochs: with webdataset shards give --train-num-samples too")
         self.hooks = merge_hooks(build_methods(cfg, self.model, self.tokenizer, self.data, runtime, echo), hooks)
         self.evaluations = self._evaluations(size)
         parameters = param_groups(self.model, cfg.weight_decay, self.hooks.modules.values())
         self.optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(cfg.warmup, cfg.steps))
-        self.loss = contrastive_loss(cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg, self.batches_per_epoch))
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=cfg.precision == "fp16")
+        self.loss = contrastive_loss(cfg, runtime)
+        self.encoders = self._encoders()
         self.trained_parameters = [p for module in (self.model, *self.hooks.modules.values())
                                    for p in module.parameters() if p.requires_grad]
         self.hooks_see_batch = bool(self.hooks.batch_transform or self.hooks.loss or self.hooks.loss_terms)
@@ -160,13 +217,14 @@ class _Run:
     # ------------------------------------------------------------------ resume
 
     def resume(self) -> None:
-        path = self.checkpoint_path if self.cfg.resume == "auto" else Path(self.cfg.resume)
-        if self.cfg.resume == "auto" and not path.is_file():
+        automatic = self.cfg.resume in ("auto", "latest")  # checkpoint.pt is always the newest save
+        path = self.checkpoint_path if automatic else Path(self.cfg.resume)
+        if automatic and not path.is_file():
             return  # nothing to resume: start afresh
         state = load_checkpoint(path, self.runtime.device)
         check_compatible(state["config"], self.cfg.to_dict())
         self.progress = restore(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                modules=self.hooks.modules)
+                                modules=self.hooks.modules, scaler=self.scaler)
         if self.progress.step > self.cfg.steps:
             raise UsageError(f"--resume: the checkpoint is at step {self.progress.step}, past --steps {self.cfg.steps}")
 
@@ -174,14 +232,18 @@ class _Run:
 
     def _encoders(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         device, precision, model = self.runtime.device, self.cfg.precision, self.model
+        encode_image, encode_text = model.encode_image, model.encode_text
+        if self.cfg.torchcompile:
+            encode_image = torch.compile(encode_image, backend=COMPILE_BACKEND)
+            encode_text = torch.compile(encode_text, backend=COMPILE_BACKEND)
 
         def images(x):
             with autocast_context(device, precision):
-                return model.encode_image(x, normalize=True)
+                return encode_image(x, normalize=True)
 
         def texts(t):
             with autocast_context(device, precision):
-                return model.encode_text(t, normalize=True)
+                return encode_text(t, normalize=True)
         return [images, texts]
 
     def train_step(self, batch: TokenizedBatch) -> dict[str, float]:
@@ -215,15 +277,18 @@ class _Run:
                                                   batch.text_ids)}
             for term in self.hooks.loss_terms:
                 parts.update(scaled(term(context)))
-            return sum(parts.values()), {name: value.detach() for name, value in parts.items()}
+            total = sum(parts.values())  # fp16: the scaler's multiple is back-propagated, the loss is logged
+            return self.scaler.scale(total), (total.detach(), {name: value.detach() for name, value in parts.items()})
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss, terms = grad_cache_step(self._encoders(), [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size)
+        _, (loss, terms) = grad_cache_step(self.encoders, [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size)
         sum_gradients(self.trained_parameters, self.runtime)
         if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient is not finite (every rank alike)
+        self.scaler.update()
         self.scheduler.step()
         with torch.no_grad():  # open_clip's clamp: the temperature never exceeds 100
             self.model.logit_scale.clamp_(0, math.log(100))
@@ -246,8 +311,19 @@ class _Run:
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict(),
-                            modules=self.hooks.modules)
+                            modules=self.hooks.modules, scaler=self.scaler)
             export_weights(self.weights_path, self.model)
+
+    def save_epoch(self, epoch: int) -> None:
+        """--save-frequency: keep checkpoint.pt (just written) as epoch_K.pt; drop the previous one if asked."""
+        if not self.runtime.is_main:
+            return
+        kept = self.out / f"epoch_{epoch}.pt"
+        shutil.copyfile(self.checkpoint_path, kept)
+        if self.cfg.delete_previous_checkpoint:
+            for older in self.out.glob("epoch_*.pt"):
+                if older != kept:
+                    older.unlink()
 
     def batches(self):
         """(batch) forever, epoch after epoch, starting where the progress says."""
@@ -311,6 +387,20 @@ def loss_memory_rows(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     return {"dim": dim, "method": memory_method(runtime.device), "rows": rows}
 
 
+# torch.compile's backend for --torchcompile (the tests swap in "eager" to keep compile time out of CI).
+COMPILE_BACKEND = "inductor"
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """--grad-checkpointing, --lock-image, --lock-text: open_clip's own switches on the model."""
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+
+
 def check_chunking(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime) -> None:
     """Refuse gradient caching for a model with BatchNorm: chunks would be normalised by their own statistics.
 
@@ -353,11 +443,13 @@ def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[st
     check_config(cfg)
     cfg = with_method_defaults(cfg)
     resolve_model_name(cfg.model)
-    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
+    if cfg.resume not in (None, "auto", "latest") and not Path(cfg.resume).is_file():
         raise UsageError(f"--resume: no checkpoint at {cfg.resume}")
     check_output_dir(Path(cfg.output_dir))
     runtime = setup_runtime(cfg.device)
     check_backend(cfg.backend, runtime.device)
+    if runtime.is_main:
+        echo = tee(echo, Path(cfg.output_dir) / "out.log")
     note = choose_threads(cfg.threads, runtime.device)
     if note is not None and runtime.is_main:
         echo(note)
@@ -367,15 +459,61 @@ def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[st
         teardown_runtime(runtime)
 
 
+def write_params(path: Path, cfg: TrainConfig) -> None:
+    """params.txt as open_clip writes it: one `name: value` line per setting, sorted."""
+    text = "".join(f"{name}: {value}\n" for name, value in sorted(cfg.to_dict().items()))
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def tee(echo: Callable[[str], None], path: Path) -> Callable[[str], None]:
+    """`echo` that also appends each message to the log file `path`."""
+    def both(message: str) -> None:
+        echo(message)
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(message + "\n")
+    return both
+
+
+def tensorboard_writer(cfg: TrainConfig, out: Path):
+    """--report-to tensorboard: a SummaryWriter in OUTPUT_DIR/tensorboard (None otherwise)."""
+    if cfg.report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise UsageError(f"--report-to tensorboard needs the tensorboard package: pip install tensorboard ({error})") \
+            from error
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _records_writer(log: Optional[MetricsLog], board) -> Callable[[dict[str, Any]], None]:
+    """Write a metrics record to metrics.jsonl and, with TensorBoard, its numbers as scalars."""
+    def write(record: dict[str, Any]) -> None:
+        if log is None:
+            return
+        log.write(record)
+        if board is not None:
+            prefix = "train/" if record["kind"] == "train" else ""
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("step", "kind"):
+                    board.add_scalar(prefix + name, value, record["step"])
+            board.flush()
+    return write
+
+
 def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str], None]) -> TrainResult:
     start_time = time.perf_counter()
     run = _Run(cfg, hooks, runtime, echo)
+    cfg = run.cfg  # --epochs has set --steps
     if cfg.resume is not None:
         run.resume()
     resumed_at = run.progress.step if cfg.resume is not None else None
     run.out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run.out / "metrics.jsonl", resume_step=resumed_at) if runtime.is_main else None
-    write = log.write if log is not None else (lambda record: None)
+    board = tensorboard_writer(cfg, run.out) if runtime.is_main else None
+    write = _records_writer(log, board)
+    if runtime.is_main:
+        write_params(run.out / "params.txt", cfg)
     chunks = "" if cfg.chunk_size is None else f", chunks of {cfg.chunk_size}"
     echo(f"pyclipfast.train: {cfg.model} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M params), "
          f"{cfg.loss} loss, batch {cfg.batch_size}{chunks}, {cfg.steps} steps on {runtime.device}"
@@ -407,9 +545,15 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
         if run.evaluations and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             run.last_eval = run.evaluate()
             write({"kind": "eval", "step": step, **run.last_eval})
-        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+        epoch_done = run.batches_per_epoch is not None and run.progress.batch_in_epoch == run.batches_per_epoch
+        keep_epoch = cfg.save_frequency and epoch_done and (run.progress.epoch + 1) % cfg.save_frequency == 0
+        if (cfg.save_every and step % cfg.save_every == 0) or step == stop or keep_epoch:
             run.save()
+        if keep_epoch:
+            run.save_epoch(run.progress.epoch + 1)
     bar.close()
+    if board is not None:
+        board.close()
     if not run.last_eval and run.evaluations and run.progress.step == cfg.steps:
         run.last_eval = run.evaluate()  # resumed at the very end: nothing left to train
 

@@ -1,12 +1,10 @@
 """The trainer as open_clip users run it: DataLoader workers, open_clip CSVs and weights, clear early errors."""
 import contextlib
-import io
 import json
 import re
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from types import MappingProxyType
 
@@ -22,7 +20,7 @@ from pyclipfast.train.data import SyntheticClipDataset
 from pyclipfast.train.metrics import read_metrics
 from pyclipfast.train.model import create_model, register_configs
 
-from train_helpers import micro, run_on_ranks, write_images
+from train_helpers import micro, run_on_ranks, write_images, write_shards
 
 pytestmark = pytest.mark.usefixtures("real_tiles")
 
@@ -39,18 +37,6 @@ def deadline(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def write_shards(folder, shards, per_shard):
-    """Webdataset shards shard-<k>.tar of small PNGs with captions."""
-    paths = write_images(folder / "images", shards * per_shard)
-    for shard in range(shards):
-        with tarfile.open(folder / f"shard-{shard}.tar", "w") as tar:
-            for i in range(shard * per_shard, (shard + 1) * per_shard):
-                for name, data in ((f"{i:04d}.png", paths[i].read_bytes()), (f"{i:04d}.txt", b"a grey square")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
 
 
 # ---------------------------------------------------------------------------------------------- workers

@@ -3,6 +3,7 @@ import io
 import multiprocessing
 import os
 import socket
+import tarfile
 
 import numpy as np
 import torch
@@ -32,6 +33,18 @@ def write_images(folder, count, corrupt=()):
         path.write_bytes(data[:30] if i in corrupt else data)
         paths.append(path)
     return paths
+
+
+def write_shards(folder, shards, per_shard):
+    """Webdataset shards shard-<k>.tar of small PNGs with captions."""
+    paths = write_images(folder / "images", shards * per_shard)
+    for shard in range(shards):
+        with tarfile.open(folder / f"shard-{shard}.tar", "w") as tar:
+            for i in range(shard * per_shard, (shard + 1) * per_shard):
+                for name, data in ((f"{i:04d}.png", paths[i].read_bytes()), (f"{i:04d}.txt", b"a grey square")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
 
 
 def _rank_main(rank: int, world_size: int, port: int, settings: dict, errors) -> None:
