@@ -127,6 +127,8 @@ def test_accum_freq_help_points_to_gradient_caching(capsys):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--accum-freq ACCUM_FREQ open_clip's gradient accumulation over k batches; here gradient caching" in text
+    assert "CSV field separator (default: '\\t')" in text  # visible, not a tab
+    assert "(default 1.0 with --clipin)" in text and "(default: None)" not in text  # each default once
 
 
 def test_epochs_on_shards_need_the_sample_count(tmp_path):

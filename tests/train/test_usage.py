@@ -1,8 +1,10 @@
 """The trainer as open_clip users run it: DataLoader workers, open_clip CSVs and weights, clear early errors."""
 import contextlib
 import json
+import os
 import re
 import signal
+import stat
 import sys
 import time
 from types import MappingProxyType
@@ -166,8 +168,14 @@ def test_only_rank_0_prints_the_summary(monkeypatch, capsys, tmp_path):
 # ---------------------------------------------------------------------------------------------- weights
 
 def test_exported_weights_load_in_open_clip_with_the_same_embeddings(tmp_path):
-    result = train(micro(tmp_path, steps=2, train_size=64, batch_size=32))
+    mask = os.umask(0o022)
+    try:
+        result = train(micro(tmp_path, steps=2, train_size=64, batch_size=32))
+    finally:
+        os.umask(mask)
     assert result.weights == tmp_path / "run" / "open_clip_weights.pt"
+    for name in ("checkpoint.pt", "open_clip_weights.pt", "metrics.jsonl", "params.txt"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name  # the umask's, not 0600
     trained = create_model("pcf-micro-32", "clip", torch.device("cpu"))
     trained.load_state_dict(torch.load(result.checkpoint, weights_only=True)["model"])
     register_configs()
