@@ -99,7 +99,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "train": ["open_clip_torch>=2.24", "matplotlib", "pillow", "pandas", "webdataset", "braceexpand"],
+        "train": ["open_clip_torch>=2.24", "matplotlib", "pillow", "pandas", "webdataset", "braceexpand", "tensorboard"],
         "test": [
             "pytest>=7",
             "pytest-benchmark",
