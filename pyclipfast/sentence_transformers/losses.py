@@ -1,4 +1,4 @@
-"""Drop-ins for sentence-transformers' MultipleNegativesRankingLoss family, on the fused InfoNCE.
+"""The drop-in loss classes: sentence-transformers' MultipleNegativesRankingLoss family on the fused InfoNCE.
 
     from pyclipfast.sentence_transformers import CachedMultipleNegativesRankingLoss
     loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=64)   # was: losses.Cached…(model, …)
@@ -8,19 +8,8 @@ the same name, so it takes the same constructor arguments and inputs ((anchor, p
 (anchor, positive, negative_1, …, negative_k) tuples), reports the same config and works wherever
 the original does (trainer, model cards, MatryoshkaLoss). Only the loss computation changes.
 
-With anchors q_i, candidates d = [positives; negatives_1; …; negatives_k] (K·n rows) and the
-similarity sim (cos_sim: dot products of L2-normalised embeddings, dot_score: raw dot products),
-the loss is
-
-    query_to_doc:  t_i = logsumexp_j s·sim(q_i, d_j)  − s·sim(q_i, p_i)
-    doc_to_query:  u_i = logsumexp_j s·sim(q_j, p_i)  − s·sim(q_i, p_i)
-    L = mean_i t_i                                     (MultipleNegativesRankingLoss)
-    L = mean_i logaddexp(t_i, u_i)                     (partition_mode="joint", both directions)
-    L = mean_i ½(t_i + u_i)                            (partition_mode="per_direction": the symmetric losses)
-
-Each of t and u is one call of the fused rows-only InfoNCE (`pyclipfast.clip_loss` with
-``reduction="none", bidirectional=False``): the positives are given by ids, hard negatives are extra
-candidate columns whose ids match no anchor, and the n×(K·n) similarity matrix is never stored.
+The loss (see `.ranking` for the formulas) is one or two calls of the fused rows-only InfoNCE:
+the n×(K·n) similarity matrix is never stored.
 
 ``duplicates`` (an addition): sentence-transformers counts a candidate whose text is identical to
 the positive's (the same document paired with two anchors, a hard negative equal to the positive)
@@ -30,9 +19,8 @@ positive (the multi-positive InfoNCE: t_i = logsumexp_j S_ij − mean_{j∈P(i)}
 
     t_i' = t_i + log1p(−Σ_{j∈dup(i)} exp(S_ij − s·sim(q_i, p_i) − t_i))
 
-which is stable because a duplicate's logit is the positive's (identical texts, identical
-embeddings) and the positive stays in the sum. In ``doc_to_query`` the same applies to anchors
-with identical texts.
+(stable: a duplicate's logit is the positive's, and the positive stays in the sum). In
+``doc_to_query`` the same applies to anchors with identical texts.
 
 ``gather_across_devices=True`` on torch.distributed: every rank computes its own anchors against
 the candidates of all ranks (gathered with `pyclipfast.distributed.all_gather_with_grad`, whose
@@ -47,13 +35,10 @@ directions (they remove the self-pairs of a set compared with itself) and ``hard
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal, Optional
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -66,8 +51,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
         "pip install 'pyclipfast[sentence-transformers]'"
     ) from error
 
-from .clip import clip_loss
-from .distributed import all_gather_with_grad
+from .ranking import check_duplicates, fused_ranking_loss, text_keys
 
 __all__ = [
     "CachedMultipleNegativesRankingLoss",
@@ -77,117 +61,6 @@ __all__ = [
 ]
 
 Direction = Literal["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]
-DUPLICATE_MODES = (None, "positives", "mask")
-
-
-# --------------------------------------------------------------------------- ids of texts
-
-def _check_duplicates(duplicates: Optional[str]) -> Optional[str]:
-    if duplicates not in DUPLICATE_MODES:
-        raise ValueError(f"duplicates must be None, 'positives' or 'mask'; got {duplicates!r}")
-    return duplicates
-
-
-def text_keys(sentence_feature: dict[str, Tensor]) -> Tensor:
-    """One int64 key per text of a tokenized column: equal keys ⇔ equal input ids (padding ignored).
-
-    A 63-bit BLAKE2 digest of the unpadded token ids, the same on every process (Python's
-    ``hash`` is salted per process), so keys can be compared across ranks.
-    """
-    input_ids = sentence_feature.get("input_ids")
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-        raise ValueError("duplicates needs tokenized text inputs with a 2-D 'input_ids' tensor in every column")
-    mask = sentence_feature.get("attention_mask")
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-    keys = []
-    for ids, keep in zip(input_ids.cpu(), mask.cpu()):
-        digest = hashlib.blake2b(ids[keep].to(torch.int64).numpy().tobytes(), digest_size=8).digest()
-        keys.append(int.from_bytes(digest, "little") >> 1)
-    return torch.tensor(keys, dtype=torch.int64, device=input_ids.device)
-
-
-def _duplicate_pairs(row_keys: Tensor, row_index: Tensor, col_keys: Tensor, col_index: Tensor):
-    """(rows, cols) of all pairs with equal text keys but different indices, in O((n + M) log M + pairs)."""
-    sorted_keys, order = col_keys.sort()
-    lo = torch.searchsorted(sorted_keys, row_keys)
-    counts = torch.searchsorted(sorted_keys, row_keys, right=True) - lo
-    rows = torch.repeat_interleave(torch.arange(row_keys.numel(), device=row_keys.device), counts)
-    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    cols = order[torch.repeat_interleave(lo, counts) + torch.arange(rows.numel(), device=rows.device) - first]
-    keep = col_index[cols] != row_index[rows]
-    return rows[keep], cols[keep]
-
-
-# --------------------------------------------------------------------------- the fused loss
-
-def _gathered(x: Tensor, gather: bool) -> Tensor:
-    return all_gather_with_grad(x) if gather else x
-
-
-def _direction_terms(rows: Tensor, own: Tensor, cols: Tensor, scale: float, row_index: Tensor,
-                     col_index: Tensor, row_keys: Optional[Tensor], col_keys: Optional[Tensor],
-                     duplicates: Optional[str]) -> Tensor:
-    """Per row i: logsumexp_j s·⟨rows_i, cols_j⟩ − s·⟨rows_i, own_i⟩, the own pair among the columns.
-
-    `row_index`/`col_index` are unique ids (the own pair has equal ids), `row_keys`/`col_keys`
-    text keys for the duplicates modes.
-    """
-    if duplicates == "positives":
-        return clip_loss(rows, cols, scale, image_ids=row_keys, text_ids=col_keys,
-                         reduction="none", bidirectional=False)
-    terms = clip_loss(rows, cols, scale, image_ids=row_index, text_ids=col_index,
-                      reduction="none", bidirectional=False)
-    if duplicates != "mask":
-        return terms
-    pair_rows, pair_cols = _duplicate_pairs(row_keys, row_index, col_keys, col_index)
-    if pair_rows.numel() == 0:
-        return terms
-    positive = scale * (rows * own).sum(-1)
-    dup_logits = scale * (rows[pair_rows] * cols[pair_cols]).sum(-1)
-    share = torch.exp(dup_logits.float() - positive[pair_rows].float() - terms[pair_rows])
-    excess = torch.zeros_like(terms).index_add(0, pair_rows, share)
-    return terms + torch.log1p(-excess)
-
-
-def fused_ranking_loss(embeddings: Sequence[Tensor], *, scale: float, normalize: bool,
-                       doc_to_query: bool, joint: bool, gather: bool, duplicates: Optional[str] = None,
-                       keys: Optional[Sequence[Tensor]] = None) -> Tensor:
-    """The MultipleNegativesRankingLoss family on [anchors, positives, negatives_1..k], fused.
-
-    Args:
-        embeddings: K + 1 tensors (n, D): anchors, positives, then each column of hard negatives.
-        scale: s (1 / temperature).
-        normalize: True for cos_sim, False for dot_score.
-        doc_to_query: add the positives→anchors direction.
-        joint: one softmax over both directions (logaddexp) instead of their mean.
-        gather: compare this rank's anchors with the candidates of all ranks.
-        duplicates: None, "positives" or "mask" (see the module docstring), with `keys`, one
-            int64 text key per row of each embedding column.
-    """
-    if len(embeddings) < 2:
-        raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
-    if duplicates is not None and (keys is None or len(keys) != len(embeddings)):
-        raise ValueError("duplicates needs one tensor of text keys per input column")
-    embeddings = [F.normalize(e, p=2, dim=1) if normalize else e for e in embeddings]
-    anchors, positives = embeddings[0], embeddings[1]
-    n = anchors.shape[0]
-    gather = gather and dist.is_available() and dist.is_initialized()
-    first = dist.get_rank() * n if gather else 0
-    index = torch.arange(first, first + n, device=anchors.device)
-    no_anchor = torch.full_like(index, -1)
-    # The candidates and their ids go through the same gather, so the labels follow the order.
-    candidates = torch.cat([_gathered(e, gather) for e in embeddings[1:]])
-    candidate_index = torch.cat([_gathered(i, gather) for i in [index] + [no_anchor] * (len(embeddings) - 2)])
-    candidate_keys = None if keys is None else torch.cat([_gathered(k, gather) for k in keys[1:]])
-    terms = _direction_terms(anchors, positives, candidates, scale, index, candidate_index,
-                             None if keys is None else keys[1], candidate_keys, duplicates)
-    if doc_to_query:
-        all_anchors = _gathered(anchors, gather)
-        reverse = _direction_terms(positives, anchors, all_anchors, scale, index, _gathered(index, gather),
-                                   None if keys is None else keys[0],
-                                   None if keys is None else _gathered(keys[0], gather), duplicates)
-        terms = torch.logaddexp(terms, reverse) if joint else 0.5 * (terms + reverse)
-    return terms.mean()
 
 
 # --------------------------------------------------------------------------- the drop-ins
@@ -265,7 +138,7 @@ class MultipleNegativesRankingLoss(_FusedRanking, _st_losses.MultipleNegativesRa
                          gather_across_devices=gather_across_devices, directions=directions,
                          partition_mode=partition_mode, hardness_mode=hardness_mode,
                          hardness_strength=hardness_strength)
-        self.duplicates = _check_duplicates(duplicates)
+        self.duplicates = check_duplicates(duplicates)
         self._check_fusable_duplicates()
 
 
@@ -283,7 +156,7 @@ class MultipleNegativesSymmetricRankingLoss(_FusedRanking, _st_losses.MultipleNe
     ) -> None:
         super().__init__(model, scale=scale, similarity_fct=similarity_fct,
                          gather_across_devices=gather_across_devices)
-        self.duplicates = _check_duplicates(duplicates)
+        self.duplicates = check_duplicates(duplicates)
         self._check_fusable_duplicates()
 
 
@@ -373,7 +246,7 @@ class CachedMultipleNegativesRankingLoss(_FusedCached, _st_losses.CachedMultiple
                          gather_across_devices=gather_across_devices, directions=directions,
                          partition_mode=partition_mode, show_progress_bar=show_progress_bar,
                          hardness_mode=hardness_mode, hardness_strength=hardness_strength)
-        self._use_fused_inner_loss(_check_duplicates(duplicates))
+        self._use_fused_inner_loss(check_duplicates(duplicates))
 
 
 class CachedMultipleNegativesSymmetricRankingLoss(
@@ -397,4 +270,4 @@ class CachedMultipleNegativesSymmetricRankingLoss(
         super().__init__(model, scale=scale, similarity_fct=similarity_fct, mini_batch_size=mini_batch_size,
                          mini_batch_num_tokens=mini_batch_num_tokens,
                          gather_across_devices=gather_across_devices, show_progress_bar=show_progress_bar)
-        self._use_fused_inner_loss(_check_duplicates(duplicates))
+        self._use_fused_inner_loss(check_duplicates(duplicates))
