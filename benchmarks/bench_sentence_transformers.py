@@ -49,7 +49,7 @@ def tiny_model(path: str, *, hidden: int = 32, layers: int = 2, heads: int = 2, 
                         num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
                         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     BertModel(config).save_pretrained(path)
-    BertTokenizerFast(vocab_file=vocab).save_pretrained(path)
+    BertTokenizerFast(vocab=vocab).save_pretrained(path)  # transformers 5 ignores vocab_file=
     transformer = Transformer(path, max_seq_length=32)
     pooling = Pooling(transformer.get_embedding_dimension(), "mean")
     return SentenceTransformer(modules=[transformer, pooling], device="cpu")

@@ -13,14 +13,10 @@ the n×(K·n) similarity matrix is never stored.
 
 ``duplicates`` (an addition): sentence-transformers counts a candidate whose text is identical to
 the positive's (the same document paired with two anchors, a hard negative equal to the positive)
-as a negative. ``duplicates="positives"`` makes every candidate with the positive's input ids a
-positive (the multi-positive InfoNCE: t_i = logsumexp_j S_ij − mean_{j∈P(i)} S_ij), and
-``duplicates="mask"`` removes them from the softmax:
-
-    t_i' = t_i + log1p(−Σ_{j∈dup(i)} exp(S_ij − s·sim(q_i, p_i) − t_i))
-
-(stable: a duplicate's logit is the positive's, and the positive stays in the sum). In
-``doc_to_query`` the same applies to anchors with identical texts.
+as a negative. ``duplicates="positives"`` counts every candidate with the positive's input ids
+as a positive (the loss becomes −log of the softmax mass on all of them), ``duplicates="mask"``
+removes them from the softmax. In ``doc_to_query`` the same applies to anchors with identical
+texts. Formulas in `.ranking`.
 
 ``gather_across_devices=True`` on torch.distributed: every rank computes its own anchors against
 the candidates of all ranks (gathered with `pyclipfast.distributed.all_gather_with_grad`, whose

@@ -9,13 +9,16 @@ and s the scale (sim: dot products, of L2-normalised embeddings for cos_sim):
 
 t and u are each one `pyclipfast.clip_loss(..., reduction="none", bidirectional=False)`: the own
 pair is the positive, given by ids; hard negatives are extra columns with an id that matches no
-anchor. Duplicates (candidates with the positive's text):
+anchor. Duplicates (candidates with the positive's text, dup(i), found by text keys):
 
-    "positives":  t_i = logsumexp_j S_ij − mean_{j∈P(i)} S_ij      (P(i): equal text keys)
-    "mask":       t_i' = t_i + log1p(−Σ_{j∈dup(i)} exp(S_ij − S_i,own − t_i))
+    "positives":  t_i = logsumexp_j S_ij − logsumexp_{j∈{own}∪dup(i)} S_ij   (−log of the softmax mass on them)
+    "mask":       t_i = logsumexp_{j∉dup(i)} S_ij − S_i,own
+                      = t_i⁰ + log1p(−Σ_{j∈dup(i)} exp(S_ij − S_i,own − t_i⁰))
 
-The mask is stable because a duplicate's logit equals the positive's (identical texts give
-identical embeddings) and the positive stays in the sum.
+with t⁰ the plain term. Both corrections cost O(|dup|·D). The mask is stable because a
+duplicate's logit equals the positive's (identical texts give identical embeddings) and the
+positive stays in the sum. (The mean-of-positives form of `clip_loss`'s ids would change nothing
+here: identical texts have identical logits.)
 """
 from __future__ import annotations
 
@@ -84,21 +87,23 @@ def _direction_terms(rows: Tensor, own: Tensor, cols: Tensor, scale: float, row_
     `row_index`/`col_index` are unique ids (the own pair has equal ids), `row_keys`/`col_keys`
     text keys for the duplicates modes.
     """
-    if duplicates == "positives":
-        return clip_loss(rows, cols, scale, image_ids=row_keys, text_ids=col_keys,
-                         reduction="none", bidirectional=False)
     terms = clip_loss(rows, cols, scale, image_ids=row_index, text_ids=col_index,
                       reduction="none", bidirectional=False)
-    if duplicates != "mask":
+    if duplicates is None:
         return terms
     pair_rows, pair_cols = _duplicate_pairs(row_keys, row_index, col_keys, col_index)
     if pair_rows.numel() == 0:
         return terms
     positive = scale * (rows * own).sum(-1)
-    dup_logits = scale * (rows[pair_rows] * cols[pair_cols]).sum(-1)
-    share = torch.exp(dup_logits.float() - positive[pair_rows].float() - terms[pair_rows])
-    excess = torch.zeros_like(terms).index_add(0, pair_rows, share)
-    return terms + torch.log1p(-excess)
+    # S_ij − S_i,own for each duplicate pair, in the loss's precision
+    excess = (scale * (rows[pair_rows] * cols[pair_cols]).sum(-1) - positive[pair_rows]).to(terms.dtype)
+    if duplicates == "mask":
+        share = torch.zeros_like(terms).index_add(0, pair_rows, torch.exp(excess - terms[pair_rows]))
+        return terms + torch.log1p(-share)
+    # positives: logsumexp over the own pair and the duplicates, relative to the own pair
+    top = torch.zeros_like(terms).scatter_reduce(0, pair_rows, excess, "amax", include_self=True)
+    mass = torch.exp(-top).index_add(0, pair_rows, torch.exp(excess - top[pair_rows]))
+    return terms - (top + torch.log(mass))
 
 
 def fused_ranking_loss(embeddings: Sequence[Tensor], *, scale: float, normalize: bool,
