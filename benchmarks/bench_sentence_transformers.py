@@ -26,13 +26,15 @@ from pathlib import Path
 IMPLEMENTATIONS = ("pyclipfast", "sentence-transformers")
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [f"w{k}" for k in range(200)]
+CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")   # any other lowercase text, piece by piece
 
 
-def tiny_model(path: str, *, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0):
+def tiny_model(path: str, *, hidden: int = 32, layers: int = 2, heads: int = 2, dropout: float = 0.0, seed: int = 0):
     """A SentenceTransformer (BERT + mean pooling) with random weights, saved under `path`.
 
-    Dropout is 0, so two runs of the same batch give the same embeddings. The vocabulary is
-    WordPiece over ``WORDS``.
+    Dropout is 0 by default, so two runs of the same batch give the same embeddings. The WordPiece vocabulary
+    holds ``WORDS`` and single characters (word-initial and ``##`` continuations), so any lowercase
+    ASCII text gets distinct tokens.
     """
     import torch
     from sentence_transformers import SentenceTransformer
@@ -43,11 +45,11 @@ def tiny_model(path: str, *, hidden: int = 32, layers: int = 2, heads: int = 2, 
     os.makedirs(path, exist_ok=True)
     vocab = os.path.join(path, "vocab.txt")
     with open(vocab, "w", encoding="utf-8") as f:
-        f.write("\n".join(SPECIAL_TOKENS + WORDS) + "\n")
+        f.write("\n".join(SPECIAL_TOKENS + WORDS + CHARACTERS + ["##" + c for c in CHARACTERS]) + "\n")
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(SPECIAL_TOKENS) + len(WORDS), hidden_size=hidden,
+    config = BertConfig(vocab_size=len(SPECIAL_TOKENS) + len(WORDS) + 2 * len(CHARACTERS), hidden_size=hidden,
                         num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
-                        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(path)
     BertTokenizerFast(vocab=vocab).save_pretrained(path)  # transformers 5 ignores vocab_file=
     transformer = Transformer(path, max_seq_length=32)
@@ -71,6 +73,7 @@ def worker(args) -> dict:
 
     import torch
 
+    torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if args.impl == "pyclipfast":
         from pyclipfast.sentence_transformers import CachedMultipleNegativesRankingLoss
@@ -130,7 +133,8 @@ def _markdown(record: dict) -> str:
         "",
         f"Command: `{record['command']}`",
         "",
-        f"Machine: {record['machine']}; load average before / after: {record['load_before']} / "
+        f"Machine: {record['machine']['cpu_model']}, {record['machine']['cpu_cores']} cores "
+        f"(the 2-core CPU development VM); load average before / after: {record['load_before']} / "
         f"{record['load_after']} (the machine is shared). torch {record['torch']}, "
         f"sentence-transformers {record['sentence_transformers']}, {record['threads']} threads.",
         "",
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mini-batch", type=int, default=128)
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core machine more threads only contend)")
     p.add_argument("--impls", type=lambda s: s.split(","), default=list(IMPLEMENTATIONS))
     p.add_argument("--out", type=Path, default=None, help="folder for st-cmnrl.json and st-cmnrl.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -175,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch:
         for impl in args.impls:
             common = ["--batch", str(batch), "--negatives", str(args.negatives), "--mini-batch",
-                      str(args.mini_batch), "--hidden", str(args.hidden), "--repeat", str(args.repeat)]
+                      str(args.mini_batch), "--hidden", str(args.hidden), "--repeat", str(args.repeat),
+                      "--threads", str(args.threads)]
             r = _run_isolated(common + ["--impl", impl])
             print(f"batch {batch:>6} {impl:<22} {r['seconds']:8.2f} s  {r['extra_peak_mib']:9.0f} MiB  "
                   f"loss {r['loss']:.5f}", flush=True)
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": "python -m benchmarks.bench_sentence_transformers " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "machine": hardware.describe() if hasattr(hardware, "describe") else os.uname().nodename,
+        "machine": hardware.machine_info("cpu"),
         "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "torch": torch.__version__, "sentence_transformers": sentence_transformers.__version__,
         "threads": results[0]["threads"] if results else None, "hidden": args.hidden,
