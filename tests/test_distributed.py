@@ -588,7 +588,8 @@ def test_per_rank_memory_has_no_n_by_n_term():
     small, large = MEMORY_WORLDS[0], MEMORY_WORLDS[-1]
     added = (large - small) * n                  # columns added to N
     rest = {w: peak[("fused", w)] - 2 * w * n * d * item for w in MEMORY_WORLDS}
-    assert rest[large] - rest[small] <= 32 * added * item, f"fused, without the gathered texts: {rest}"
+    # (measured: 2 values per added column; one n×N matrix would add n = 24)
+    assert rest[large] - rest[small] <= 8 * added * item, f"fused, without the gathered texts: {rest}"
     assert peak[("fused", large)] - peak[("fused", small)] >= 2 * added * d * item, peak  # the counter counts
     grew = peak[("materialised", large)] - peak[("materialised", small)]
     assert grew >= 2 * n * added * item, f"materialised: {peak}"
