@@ -61,7 +61,7 @@ from . import clip as _clip
 from . import reference
 from . import siglip as _siglip
 from ._dispatch import resolve
-from .distill import GRADIENT_STATS, TEACHER_STATS, DistillOptions, _DistillStats
+from .distill import GRADIENT_STATS, TEACHER_STATS, DistillOptions, distill_stats
 from ._validation import (
     ScaleLike, as_scale, check_features, check_has_positive, check_ids, data_checks_on, positive_counts,
 )
@@ -326,7 +326,7 @@ def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids:
                  col_ids: torch.Tensor, backend: str):
     """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1)."""
     if backend != "reference":
-        return _clip._ClipStats.apply(a, b, scale, row_ids, col_ids, True, backend)
+        return _clip.clip_stats(a, b, scale, row_ids, col_ids, True, backend)
     logits = reference.logits(a, b, scale)
     positives = reference.positive_mask(*logits.shape, row_ids, col_ids, logits.device).to(logits.dtype)
     return logits.logsumexp(1), logits.logsumexp(0), (logits * positives).sum(1), (logits * positives).sum(0)
@@ -530,7 +530,7 @@ def _distill_rows(queries: torch.Tensor, keys: torch.Tensor, teacher_queries: to
         kd = -(teacher.softmax(1) * logits.log_softmax(1)).sum(1).mean()
         return torch.nn.functional.cross_entropy(logits, labels), kd
     columns = torch.arange(keys.shape[0], device=queries.device)
-    stats = dict(zip(GRADIENT_STATS + TEACHER_STATS, _DistillStats.apply(
+    stats = dict(zip(GRADIENT_STATS + TEACHER_STATS, distill_stats(
         queries, keys, scale, teacher_queries, teacher_keys, teacher_scale, labels, columns,
         DistillOptions(margin=0.0, threshold=None, kd="ce"), name)))
     return (stats["row_lse"] - stats["row_pos"]).mean(), (stats["student_row_lse"] - stats["row_cross"]).mean()
