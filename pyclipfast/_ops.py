@@ -8,14 +8,15 @@
     pyclipfast::cosine_<backend>           (p, z)                -> loss, dp, dz
     pyclipfast::retrieval_count_<backend>  (Q, G, best, ids)     -> rank
     pyclipfast::retrieval_best             (Q, G, ids)           -> best positive score per query
-    pyclipfast::loss_grad                  (stored grad, g)      -> stored grad · g
 
 <backend> is "torch" (chunked PyTorch), "triton" or "cuda". The Triton ops are
 ``torch.library.triton_op``s whose kernels launch through ``wrap_triton``, so
 torch.compile's Inductor sees the kernels; the others are ``custom_op``s with a
 fake (meta) implementation. Every forward op has its autograd registered
-(``register_autograd``): compile, export, torch.func and ``torch.library.opcheck``
-see a proper operator. SigLIP and cosine produce their gradients in the same
+(``register_autograd``), so compile, export and ``torch.library.opcheck`` see a
+proper operator; the loss functions call it through an autograd.Function with
+the same setup_context and backward (``ops(...)["function"]``), which torch.func
+transforms also accept. SigLIP and cosine produce their gradients in the same
 sweep as the loss, for the inputs the caller says need them (``need_*``): the
 loss functions decide that from ``torch.is_grad_enabled()`` and
 ``requires_grad``, so under ``torch.no_grad()`` nothing is computed or kept.
@@ -55,7 +56,8 @@ def ops(loss: str, backend: str) -> Dict[str, Callable]:
     registering them on first use (importing the backend's module)."""
     key = (loss, backend)
     if key not in _registered:
-        _registered[key] = {k: op._opoverload for k, op in _REGISTER[loss](backend).items()}
+        _registered[key] = {k: op if k == "function" else op._opoverload
+                            for k, op in _REGISTER[loss](backend).items()}
     return _registered[key]
 
 
@@ -68,6 +70,36 @@ def _define(name: str, backend: str, fn: Callable, fake: Callable) -> Callable:
     op = torch.library.custom_op(qualname, fn, mutates_args=())
     op.register_fake(fake)
     return op
+
+
+def _function(name: str, op: Callable, setup_context: Callable, backward: Callable) -> type:
+    """An autograd.Function over `op` with the op's own setup_context and backward: what the
+    loss functions call, because torch.func transforms need a Function with setup_context
+    (they do not see an operator's registered autograd); compile and export see the same
+    formula either way."""
+    overload = op._opoverload
+
+    def forward(*args):
+        with torch.no_grad():  # under torch.func the inputs still look differentiable here
+            out = overload(*args)
+        return tuple(out) if isinstance(out, list) else out
+
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
+
+
+def run(fused: Dict[str, Callable], *args) -> Tuple[Tensor, ...]:
+    """Call a loss's fused forward: through its autograd.Function when a gradient can flow,
+    straight to the operator otherwise (no_grad, inputs without requires_grad)."""
+    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in args):
+        return fused["function"].apply(*args)
+    return tuple(fused["forward"](*args))
+
+
+def distinct(row_ids: Optional[Tensor], col_ids: Optional[Tensor]) -> Optional[Tensor]:
+    """col_ids, copied when it is the very tensor row_ids (an operator input may appear once)."""
+    return col_ids.clone() if col_ids is not None and col_ids is row_ids else col_ids
 
 
 def _first_order_only(ctx, *grads):
@@ -103,24 +135,38 @@ def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
-# ---------------------------------------------------------------- the gradient product, shared
+# ---------------------------------------------------------------- first-order guard
 
-@torch.library.custom_op("pyclipfast::loss_grad", mutates_args=())
-def loss_grad(grad: Tensor, g: Tensor) -> Tensor:
-    """grad · g for a gradient computed in a loss's forward sweep and the upstream scalar g."""
-    return grad * g.to(grad.dtype)
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on a computed gradient that refuses to be differentiated again."""
+
+    @staticmethod
+    def forward(grad, *sources):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(FIRST_ORDER_ONLY)
 
 
-@loss_grad.register_fake
-def _(grad, g):
-    return torch.empty_like(grad)
+def _first_order(results: Sequence[Optional[Tensor]], sources: Sequence) -> tuple:
+    """The gradients a backward formula returns. They are computed without a graph; under
+    create_graph (torch.autograd.grad(..., create_graph=True), torch.func) each is tied to the
+    tensors it depends on by a node that raises if a second backward reaches it."""
+    if not torch.is_grad_enabled():
+        return tuple(results)
+    tensors = [x for x in sources if isinstance(x, Tensor) and x.requires_grad]
+    if not tensors:
+        return tuple(results)
+    return tuple(r if r is None else _FirstOrderOnly.apply(r, *tensors) for r in results)
 
 
-loss_grad.register_autograd(_first_order_only)
-
-
-def _times(grad: Optional[Tensor], g: Tensor, need: bool) -> Optional[Tensor]:
-    return loss_grad(grad, g) if need else None
+def _times(grad: Tensor, g: Tensor, need: bool) -> Optional[Tensor]:
+    return grad * g.to(grad.dtype) if need else None
 
 
 # ---------------------------------------------------------------- InfoNCE
@@ -155,6 +201,7 @@ def _register_clip(backend: str) -> Dict[str, Callable]:
     fwd = _define("clip_forward", backend, forward, forward_fake)
     bwd = _define("clip_backward", backend, backward, backward_fake)
     bwd.register_autograd(_first_order_only)
+    bwd_op = bwd._opoverload
 
     def setup_context(ctx, inputs, output):
         a, b, scale, row_ids, col_ids, bidirectional = inputs
@@ -166,13 +213,16 @@ def _register_clip(backend: str) -> Dict[str, Callable]:
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
         if not ctx.bidirectional:
             g_col = g_col_pos = None
-        da, db, dscale = bwd(a, b, scale, row_ids, col_ids, row_lse, col_lse, g_row, g_col, g_row_pos, g_col_pos,
-                             need_a, need_b, need_scale)
-        return (da if need_a else None, db if need_b else None,
-                _scale_grad(dscale, scale) if need_scale else None, None, None, None)
+        with torch.no_grad():
+            da, db, dscale = bwd_op(a, b, scale, row_ids, col_ids, row_lse, col_lse, g_row, g_col, g_row_pos,
+                                    g_col_pos, need_a, need_b, need_scale)
+        da, db, dscale = _first_order((da if need_a else None, db if need_b else None,
+                                       _scale_grad(dscale, scale) if need_scale else None),
+                                      (a, b, scale, g_row, g_col, g_row_pos, g_col_pos))
+        return da, db, dscale, None, None, None
 
     fwd.register_autograd(grads, setup_context=setup_context)
-    return {"forward": fwd, "backward": bwd}
+    return {"forward": fwd, "backward": bwd, "function": _function("ClipStats", fwd, setup_context, grads)}
 
 
 # ---------------------------------------------------------------- SigLIP
@@ -205,13 +255,14 @@ def _register_siglip(backend: str) -> Dict[str, Callable]:
         scale, bias, da, db, dscale, dbias = ctx.saved_tensors
         need_a, need_b, need_scale, need_bias = (computed and wanted for computed, wanted in
                                                  zip(ctx.need, ctx.needs_input_grad[:4]))
-        return (_times(da, g, need_a), _times(db, g, need_b),
-                _scale_grad(loss_grad(dscale, g), scale) if need_scale else None,
-                _scale_grad(loss_grad(dbias, g), bias) if need_bias and bias is not None else None,
-                None, None, None, None, None, None, None)
+        with torch.no_grad():
+            result = (_times(da, g, need_a), _times(db, g, need_b),
+                      _scale_grad(dscale * g, scale) if need_scale else None,
+                      _scale_grad(dbias * g, bias) if need_bias and bias is not None else None)
+        return _first_order(result, (da, db, scale, bias, g)) + (None,) * 7
 
     op.register_autograd(grads, setup_context=setup_context)
-    return {"forward": op}
+    return {"forward": op, "function": _function("SigLip", op, setup_context, grads)}
 
 
 # ---------------------------------------------------------------- distillation
@@ -256,6 +307,7 @@ def _register_distill(backend: str) -> Dict[str, Callable]:
     fwd = _define("distill_forward", backend, forward, forward_fake)
     bwd = _define("distill_backward", backend, backward, backward_fake)
     bwd.register_autograd(_first_order_only)
+    bwd_op = bwd._opoverload
 
     def setup_context(ctx, inputs, output):
         a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, margin, threshold, kd = inputs
@@ -265,18 +317,21 @@ def _register_distill(backend: str) -> Dict[str, Callable]:
                               *(stats[k] if kd is not None or k not in DISTILL_KD_STATS else None
                                 for k in DISTILL_LSE))
 
-    def grads(ctx, upstream):  # one gradient per statistic, as a list (the op returns Tensor[])
+    def grads(ctx, *upstream):
+        if len(upstream) == 1:  # the op's registered autograd passes the Tensor[] output's gradients as a list
+            upstream = upstream[0]
         a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, *lse = ctx.saved_tensors
         kd = ctx.options[2]
         g = [None if (kd is None and k in DISTILL_KD_STATS) else x for k, x in zip(DISTILL_GRAD, upstream)]
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
-        da, db, dscale = bwd(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, *ctx.options, lse, g,
-                             need_a, need_b, need_scale)
-        return (da if need_a else None, db if need_b else None,
-                _scale_grad(dscale, scale) if need_scale else None) + (None,) * 8
+        with torch.no_grad():
+            da, db, dscale = bwd_op(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, *ctx.options, lse, g,
+                                    need_a, need_b, need_scale)
+        return _first_order((da if need_a else None, db if need_b else None,
+                             _scale_grad(dscale, scale) if need_scale else None), (a, b, scale, *g)) + (None,) * 8
 
     fwd.register_autograd(grads, setup_context=setup_context)
-    return {"forward": fwd, "backward": bwd}
+    return {"forward": fwd, "backward": bwd, "function": _function("DistillStats", fwd, setup_context, grads)}
 
 
 # ---------------------------------------------------------------- cosine
@@ -303,10 +358,12 @@ def _register_cosine(backend: str) -> Dict[str, Callable]:
     def grads(ctx, g, *unused):
         d_online, d_target = ctx.saved_tensors
         need_online, need_target = (c and w for c, w in zip(ctx.need, ctx.needs_input_grad[:2]))
-        return _times(d_online, g, need_online), _times(d_target, g, need_target), None, None
+        with torch.no_grad():
+            result = _times(d_online, g, need_online), _times(d_target, g, need_target)
+        return _first_order(result, (d_online, d_target, g)) + (None, None)
 
     op.register_autograd(grads, setup_context=setup_context)
-    return {"forward": op}
+    return {"forward": op, "function": _function("Cosine", op, setup_context, grads)}
 
 
 # ---------------------------------------------------------------- retrieval (no gradients)

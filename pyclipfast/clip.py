@@ -19,7 +19,7 @@ import torch
 
 from . import reference
 from ._dispatch import resolve
-from ._ops import ops
+from ._ops import distinct, ops, run
 from ._validation import (
     ScaleLike, as_scale, check_features, check_finite, check_has_positive, check_ids, check_option,
     positive_counts,
@@ -30,7 +30,8 @@ def clip_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: O
                col_ids: Optional[torch.Tensor], bidirectional: bool, backend: str) -> tuple:
     """(row_lse, col_lse, row_pos, col_pos), the columns None when one-directional: the fused
     operator ``pyclipfast::clip_forward_<backend>``, whose backward recomputes the tiles."""
-    row_lse, col_lse, row_pos, col_pos = ops("clip", backend)["forward"](a, b, scale, row_ids, col_ids, bidirectional)
+    row_lse, col_lse, row_pos, col_pos = run(ops("clip", backend), a, b, scale, row_ids, distinct(row_ids, col_ids),
+                                             bidirectional)
     return (row_lse, col_lse, row_pos, col_pos) if bidirectional else (row_lse, None, row_pos, None)
 
 

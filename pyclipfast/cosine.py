@@ -17,7 +17,7 @@ import torch
 
 from . import reference
 from ._dispatch import resolve
-from ._ops import ops
+from ._ops import ops, run
 from ._validation import check_features, check_finite
 
 
@@ -52,4 +52,4 @@ def cosine_loss(online: torch.Tensor, target: torch.Tensor, *, target_grad: bool
         return reference.cosine_loss(online, target, target_grad=target_grad)
     target = target if target_grad else target.detach()
     need = [torch.is_grad_enabled() and x.requires_grad for x in (online, target)]
-    return ops("cosine", name)["forward"](online, target, *need)[0]
+    return run(ops("cosine", name), online, target, *need)[0]

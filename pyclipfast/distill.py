@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._dispatch import resolve
-from ._ops import ops
+from ._ops import distinct, ops, run
 from ._validation import (
     ScaleLike, as_scale, check_features, check_finite, check_has_positive, check_ids, check_option,
     positive_counts,
@@ -102,8 +102,8 @@ def distill_stats(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: Di
     """GRADIENT_STATS + TEACHER_STATS (the KD ones None without KD): the fused operator
     ``pyclipfast::distill_forward_<backend>`` (pyclipfast/_ops.py), whose backward recomputes the
     tiles. The teacher statistics get no gradient, nor do the teacher features."""
-    stats = ops("distill", backend)["forward"](a, b, scale, ta, tb, teacher_scale, row_ids, col_ids,
-                                               opts.margin, opts.threshold, opts.kd)
+    stats = run(ops("distill", backend), a, b, scale, ta, tb, teacher_scale, row_ids, distinct(row_ids, col_ids),
+                opts.margin, opts.threshold, opts.kd)
     if opts.kd is None:
         return tuple(None if k in KD_STATS else x for k, x in zip(GRADIENT_STATS + TEACHER_STATS, stats))
     return tuple(stats)

@@ -18,7 +18,7 @@ import torch
 
 from . import reference
 from ._dispatch import resolve
-from ._ops import ops
+from ._ops import distinct, ops, run
 from ._validation import ScaleLike, as_scale, check_features, check_finite, check_ids
 
 
@@ -69,5 +69,5 @@ def siglip_loss(
                                      text_ids=text_ids, negative_only=negative_only)
     need = [torch.is_grad_enabled() and x is not None and x.requires_grad
             for x in (image_features, text_features, scale, bias)]
-    return ops("siglip", name)["forward"](image_features, text_features, scale, bias, image_ids, text_ids,
-                                          negative_only, *need)[0]
+    return run(ops("siglip", name), image_features, text_features, scale, bias, image_ids,
+               distinct(image_ids, text_ids), negative_only, *need)[0]

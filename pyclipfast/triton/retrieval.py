@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ._tiles import dot_precision, ids_or_dummy, parallel_target, positive_tile, score_tile, tile_config
 
@@ -54,7 +55,7 @@ def count_above(queries: torch.Tensor, gallery: torch.Tensor, best: torch.Tensor
     per_group = triton.cdiv(col_blocks, groups)
     groups = triton.cdiv(col_blocks, per_group)
     count_part = torch.empty(groups, nq, dtype=torch.int32, device=queries.device)
-    _count_above_kernel[(row_blocks, groups)](
+    wrap_triton(_count_above_kernel)[(row_blocks, groups)](
         queries, gallery, best.float().contiguous(), ids_or_dummy(query_ids, queries),
         ids_or_dummy(gallery_ids, queries), count_part,
         nq, ng, dim, queries.stride(0), queries.stride(1), gallery.stride(0), gallery.stride(1), per_group,
