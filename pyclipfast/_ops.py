@@ -80,8 +80,7 @@ def _function(name: str, op: Callable, setup_context: Callable, backward: Callab
     overload = op._opoverload
 
     def forward(*args):
-        with torch.no_grad():  # under torch.func the inputs still look differentiable here
-            out = overload(*args)
+        out = overload(*args)
         return tuple(out) if isinstance(out, list) else out
 
     return type(name, (torch.autograd.Function,), {
