@@ -104,7 +104,7 @@ def _markdown(r: dict) -> str:
         "",
         f"Command: `{r['command']}`  ",
         f"Machine: {r['machine']['name']}, {r['machine']['cpu_cores']} cores (the development VM, shared; "
-        f"load average {r['machine']['load_average'][0]:.1f} at the start)  ",
+        f"load average {r['machine']['load_average'][0]:.1f} when the run ended)  ",
         f"Versions: python {r['versions']['python']}, torch {r['versions']['torch']}, "
         f"pyclipfast commit {r['versions']['git_commit'][:8]}",
         "",
@@ -116,7 +116,8 @@ def _markdown(r: dict) -> str:
         f"| compiled (Inductor) | {c['first_step_s']:.1f} s (compilation) | {c['median_step_s'] * 1e3:.0f} ms |",
         "",
         f"Speed-up {r['speedup']:.2f}x; largest difference between the eager and compiled losses "
-        f"{r['max_loss_difference']:.2e}.",
+        f"{r['max_loss_difference']:.2e}. Steps after the first, eager: "
+        f"{', '.join(f'{t:.2f}' for t in e['step_s'])} s; compiled: {', '.join(f'{t:.2f}' for t in c['step_s'])} s.",
         "",
     ])
 

@@ -45,7 +45,7 @@ def _clip(a, b, ta, tb, s):
 
 
 def _clip_ids(a, b, ta, tb, s):
-    ids = torch.arange(a.shape[0]) // 2
+    ids = torch.arange(a.shape[0], device=a.device) // 2
     return pcf.clip_loss(a, b, s, image_ids=ids, text_ids=ids)
 
 
