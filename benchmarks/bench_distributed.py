@@ -7,9 +7,10 @@ peak-RSS counter is reset (``5 > /proc/self/clear_refs``) and the ranks meet at 
 the slowest rank's best time, and the largest extra peak (VmHWM minus the RSS before the step) over
 the ranks. Every (W, implementation) runs in fresh processes.
 
-Implementations, with the options open_clip users run at scale (local_loss + gather_with_grad):
+Implementations, with the options open_clip users run at scale (local_loss + gather_with_grad;
+SigLIP with every dist_impl):
     clip    open_clip ClipLoss | pyclipfast.ClipLoss (chunked torch) | pyclipfast.distributed.clip_loss
-    siglip  open_clip SigLipLoss (bidir) | pyclipfast.SigLipLoss | pyclipfast.distributed.siglip_loss
+    siglip  open_clip SigLipLoss | pyclipfast.SigLipLoss, each dist_impl | pyclipfast.distributed.siglip_loss
 
     python -m benchmarks.bench_distributed                      # N=16384 D=256, W = 2 and 4, both losses
     python -m benchmarks.bench_distributed --n 2048 --worlds 2 --losses clip --repeat 1 --no-write
@@ -41,35 +42,46 @@ from benchmarks.memory import malloc_trim, proc_status_bytes, reset_peak_rss
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- bench_distributed:begin -->", "<!-- bench_distributed:end -->"
 SCALE, BIAS, WARMUP_ROWS = 14.3, -10.0, 64
-IMPLEMENTATIONS = ("open_clip", "pyclipfast", "pyclipfast.distributed")
+CLIP_OPTIONS = "local_loss+gather_with_grad"
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
-def _loss_fn(loss: str, implementation: str, rank: int, world: int) -> Callable:
+def cases(loss: str):
+    """(implementation, variant) pairs of one loss; a variant's open_clip run is its baseline."""
+    variants = (CLIP_OPTIONS,) if loss == "clip" else DIST_IMPLS
+    for variant in variants:
+        yield "open_clip", variant
+        yield "pyclipfast", variant
+    yield "pyclipfast.distributed", variants[0]
+
+
+def _loss_fn(loss: str, implementation: str, variant: str, rank: int, world: int) -> Callable:
     """(image, text, scale, bias) -> loss for one rank."""
     import pyclipfast as pcf
     from pyclipfast import distributed as pcd
 
-    if implementation == "open_clip":
-        from open_clip import loss as oc
-        module = (oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world) if loss == "clip"
-                  else oc.SigLipLoss(rank=rank, world_size=world))
-    elif implementation == "pyclipfast":
-        module = (pcf.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend="torch")
-                  if loss == "clip" else pcf.SigLipLoss(rank=rank, world_size=world, backend="torch"))
-    elif loss == "clip":
-        return lambda a, b, s, bias: pcd.clip_loss(a, b, s, backend="torch")
-    else:
+    if implementation == "pyclipfast.distributed":
+        if loss == "clip":
+            return lambda a, b, s, bias: pcd.clip_loss(a, b, s, backend="torch")
         return lambda a, b, s, bias: pcd.siglip_loss(a, b, s, bias, backend="torch")
-    return (lambda a, b, s, bias: module(a, b, s)) if loss == "clip" else module
+    if implementation == "open_clip":
+        from open_clip import loss as library
+        backend = {}
+    else:
+        library, backend = pcf, dict(backend="torch")
+    if loss == "clip":
+        module = library.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, **backend)
+        return lambda a, b, s, bias: module(a, b, s)
+    return library.SigLipLoss(rank=rank, world_size=world, dist_impl=variant, **backend)
 
 
-def _rank(rank: int, world: int, loss: str, implementation: str, args: argparse.Namespace, rendezvous: str,
-          out_dir: str) -> None:
+def _rank(rank: int, world: int, loss: str, implementation: str, variant: str, args: argparse.Namespace,
+          rendezvous: str, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(minutes=20))
-    fn = _loss_fn(loss, implementation, rank, world)
+    fn = _loss_fn(loss, implementation, variant, rank, world)
     g = torch.Generator().manual_seed(rank)
     image, text = (F.normalize(torch.randn(args.n // world, args.d, generator=g), dim=-1) for _ in range(2))
 
@@ -98,13 +110,13 @@ def _rank(rank: int, world: int, loss: str, implementation: str, args: argparse.
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_case(loss: str, implementation: str, world: int, args: argparse.Namespace) -> Dict:
+def run_case(loss: str, implementation: str, variant: str, world: int, args: argparse.Namespace) -> Dict:
     """Spawn `world` ranks for one implementation; the slowest rank's time, the largest peak."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank, args=(world, loss, implementation, args, os.path.join(out_dir, "rendezvous"), out_dir),
-                 nprocs=world)
+        mp.spawn(_rank, args=(world, loss, implementation, variant, args, os.path.join(out_dir, "rendezvous"),
+                              out_dir), nprocs=world)
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
-    return dict(loss=loss, implementation=implementation, world_size=world, n_global=args.n,
+    return dict(loss=loss, implementation=implementation, variant=variant, world_size=world, n_global=args.n,
                 rows_per_rank=args.n // world, dim=args.d, dtype="float32", threads_per_rank=ranks[0]["threads"],
                 seconds=max(r["seconds"] for r in ranks),
                 extra_peak_bytes_per_rank=max(r["extra_peak_bytes"] for r in ranks),
@@ -113,15 +125,16 @@ def run_case(loss: str, implementation: str, world: int, args: argparse.Namespac
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| loss | W | n per rank | implementation | time (s, slowest rank) | extra peak per rank (MiB) "
-             "| vs open_clip (time, memory) | loss on rank 0 |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = ["| loss | W | n per rank | implementation | options | time (s, slowest rank) "
+             "| extra peak per rank (MiB) | vs open_clip (time, memory) | loss on rank 0 |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|"]
     for r in results:
         base = next(b for b in results if b["loss"] == r["loss"] and b["world_size"] == r["world_size"]
-                    and b["implementation"] == "open_clip")
+                    and b["implementation"] == "open_clip" and b["variant"] == r["variant"])
         ratio = (f"{r['seconds'] / base['seconds']:.2f}×, "
                  f"{100 * r['extra_peak_bytes_per_rank'] / base['extra_peak_bytes_per_rank']:.1f}%")
-        lines.append(f"| {r['loss']} | {r['world_size']} | {r['rows_per_rank']} | {r['implementation']} "
+        options = "" if r["implementation"] == "pyclipfast.distributed" else r["variant"]
+        lines.append(f"| {r['loss']} | {r['world_size']} | {r['rows_per_rank']} | {r['implementation']} | {options} "
                      f"| {r['seconds']:.2f} | {r['extra_peak_bytes_per_rank'] / 2**20:.1f} | {ratio} "
                      f"| {r['loss_rank0']:.6f} |")
     return "\n".join(lines)
@@ -158,10 +171,10 @@ def main() -> None:
     results = []
     for loss in args.losses:
         for world in args.worlds:
-            for implementation in IMPLEMENTATIONS:
-                results.append(run_case(loss, implementation, world, args))
+            for implementation, variant in cases(loss):
+                results.append(run_case(loss, implementation, variant, world, args))
                 r = results[-1]
-                print(f"{loss:6s} W={world} {implementation:24s} {r['seconds']:8.2f} s "
+                print(f"{loss:6s} W={world} {implementation:24s} {variant:28s} {r['seconds']:8.2f} s "
                       f"{r['extra_peak_bytes_per_rank'] / 2**20:9.1f} MiB/rank  loss {r['loss_rank0']:.6f}",
                       flush=True)
     print(markdown_table(results))

@@ -21,6 +21,9 @@ from ._dispatch import triton_interpreting
 GRAD_BLOCK_ELEMENTS = 1 << 26
 # Under TRITON_INTERPRET (CPU tests) blocks are tiny so small shapes span several.
 INTERPRET_GRAD_BLOCK_ELEMENTS = 64 * 96
+# CUDA's grid.y limit: a gradient block has at most this many tiles along its columns (the kernels
+# put row tiles on grid.x, limit 2³¹ − 1).
+MAX_GRID_Y = 65535
 
 
 def merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
@@ -81,13 +84,15 @@ def gradient_norm(vectors, device) -> torch.Tensor:
 
 
 def grad_block_shape(n: int, m: int, cfg) -> tuple:
-    """(rows, cols) of one gradient block: whole-tile multiples of cfg.block_m × cfg.block_n within budget."""
+    """(rows, cols) of one gradient block: whole-tile multiples of cfg.block_m × cfg.block_n within
+    budget, and at most MAX_GRID_Y column tiles (a few rows against millions of columns)."""
     budget = INTERPRET_GRAD_BLOCK_ELEMENTS if triton_interpreting() else GRAD_BLOCK_ELEMENTS
-    if n * m <= budget:
+    max_cols = MAX_GRID_Y * cfg.block_n
+    if n * m <= budget and m <= max_cols:
         return n, m
     side = max(cfg.block_m, int(math.sqrt(budget)) // cfg.block_m * cfg.block_m)
     rows = min(n, side)
-    cols = min(m, max(cfg.block_n, budget // rows // cfg.block_n * cfg.block_n))
+    cols = min(m, max_cols, max(cfg.block_n, budget // rows // cfg.block_n * cfg.block_n))
     return rows, cols
 
 

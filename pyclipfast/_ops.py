@@ -6,8 +6,7 @@
     pyclipfast::distill_forward_<backend>  (A, B, s, Tᵃ, Tᵇ, t)  -> the ten statistics of pyclipfast/distill.py
     pyclipfast::distill_backward_<backend> (..., upstream grads) -> dA, dB, ds
     pyclipfast::cosine_<backend>           (p, z)                -> loss, dp, dz
-    pyclipfast::retrieval_count_<backend>  (Q, G, best, ids)     -> rank
-    pyclipfast::retrieval_best             (Q, G, ids)           -> best positive score per query
+    pyclipfast::retrieval_count_<backend>  (Q, G, ids)           -> rank
 
 <backend> is "torch" (chunked PyTorch), "triton" or "cuda". The Triton ops are
 ``torch.library.triton_op``s whose kernels launch through ``wrap_triton``, so
@@ -370,28 +369,13 @@ def _register_cosine(backend: str) -> Dict[str, Callable]:
 def _register_retrieval(backend: str) -> Dict[str, Callable]:
     impl = implementation("retrieval", backend)
 
-    def count(queries: Tensor, gallery: Tensor, best: Tensor, query_ids: Optional[Tensor],
-              gallery_ids: Optional[Tensor]) -> Tensor:
-        return impl.count_above(queries, gallery, best, query_ids, gallery_ids)
+    def count(queries: Tensor, gallery: Tensor, query_ids: Optional[Tensor], gallery_ids: Optional[Tensor]) -> Tensor:
+        return impl.count_above(queries, gallery, query_ids, gallery_ids)
 
-    def count_fake(queries, gallery, best, query_ids, gallery_ids):
+    def count_fake(queries, gallery, query_ids, gallery_ids):
         return queries.new_empty((queries.shape[0],), dtype=torch.int64)
 
     return {"count": _define("retrieval_count", backend, count, count_fake)}
-
-
-@torch.library.custom_op("pyclipfast::retrieval_best", mutates_args=())
-def retrieval_best(queries: Tensor, gallery: Tensor, query_ids: Optional[Tensor],
-                   gallery_ids: Optional[Tensor]) -> Tensor:
-    """best_i = max over query i's positives of ⟨Q_i, G_j⟩ (pyclipfast/retrieval.py)."""
-    from .retrieval import best_positive_scores
-
-    return best_positive_scores(queries, gallery, query_ids, gallery_ids)
-
-
-@retrieval_best.register_fake
-def _(queries, gallery, query_ids, gallery_ids):
-    return _vec(queries, queries.shape[0])
 
 
 _REGISTER = {"clip": _register_clip, "siglip": _register_siglip, "distill": _register_distill,

@@ -134,7 +134,8 @@ def check_ids(
             raise ValueError(f"{name} must have shape ({rows},), got {tuple(ids.shape)}")
         if ids.device != image_features.device:
             raise ValueError(f"{name} is on {ids.device} but the features are on {image_features.device}")
-    return image_ids.long(), text_ids.long()
+    # contiguous int64 for every backend: the kernels index ids as flat arrays
+    return image_ids.long().contiguous(), text_ids.long().contiguous()
 
 
 def positive_counts(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, 
     if negative_only:
         pos = torch.zeros_like(pos)
     y = pos.to(logit.dtype) * 2 - 1
-    return -F.logsigmoid(y * logit).sum() / image_features.shape[0]
+    # + 0·ΣS: log σ(±∞) is 0 or −∞, never NaN; an infinite logit must give a NaN loss (SPEC §7)
+    return (-F.logsigmoid(y * logit).sum() + 0 * logit.sum()) / image_features.shape[0]
 
 
 # Clamp of c before arccos in the angular margin (SPEC §3); every backend uses the same value.
@@ -88,9 +89,12 @@ def distill_loss(image_features, text_features, teacher_image_features, teacher_
     z_pos, count = torch.where(pos, z, 0), pos.to(cd)
     rows = torch.logsumexp(z, 1) - z_pos.sum(1) / count.sum(1)
     cols = torch.logsumexp(z, 0) - z_pos.sum(0) / count.sum(0)
-    contrastive = 0.5 * (rows.mean() + cols.mean())
     u, v = s * cos, t * alpha
-    distill = 0.5 * (_soft_label_loss(v, u, 1, kd).mean() + _soft_label_loss(v, u, 0, kd).mean())
+    # A non-finite score can leave no trace (clamped into ψ, filtered, a −∞ dropped by a
+    # log-sum-exp): carry it into both losses as NaN (SPEC §7)
+    poison = 0 * (u.detach().sum() + v.sum())
+    contrastive = 0.5 * (rows.mean() + cols.mean()) + poison
+    distill = 0.5 * (_soft_label_loss(v, u, 1, kd).mean() + _soft_label_loss(v, u, 0, kd).mean()) + poison
     return contrastive, kd_weight * distill
 
 

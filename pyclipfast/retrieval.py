@@ -5,12 +5,12 @@
     rank_i = #{j : S_ij > best_i}                    (0 = the best positive comes first)
     R@K    = mean_i [rank_i < K]
 
-`best_i` needs only the positive pairs: the gallery is sorted by id, each
-query's positives are one run of it, and the pairs are scored in fixed-size
-chunks (O(#pairs·D) work, O(Nq + Ng + chunk) memory). One sweep over the tiles
-of S then counts, per query, the negatives scoring strictly above best_i
-(positives never do; leaving them out keeps rounding from counting the best
-positive against itself). Ties count in the query's favour.
+The backends sweep the tiles of S twice, with the same score computation: the
+first takes best_i from the positives' tiles, the second counts, per query, the
+negatives scoring strictly above it (positives are left out). Ties count in the
+query's favour, exactly: a negative equal to the best positive (a duplicate
+caption) rounds alike and is not counted. O(Nq·Ng·D) work, O(Nq + Ng) memory.
+Unvalidated, a non-finite query or gallery item makes every R@K NaN (SPEC §7).
 """
 from __future__ import annotations
 
@@ -20,11 +20,8 @@ import torch
 
 from . import reference
 from ._dispatch import resolve
-from ._ops import ops, retrieval_best
+from ._ops import ops
 from ._validation import check_features, check_finite, check_ids, positive_counts
-
-# Positive pairs scored at once when computing best_i.
-PAIR_CHUNK = 1 << 14
 
 
 def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] = (1, 5, 10), *,
@@ -63,46 +60,17 @@ def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] 
     if query_ids is not None and not torch.compiler.is_compiling():
         _check_every_query_has_a_positive(query_ids, gallery_ids)
     if name == "reference":
+        if not (bool(torch.isfinite(queries).all()) and bool(torch.isfinite(gallery).all())):
+            return {f"R@{k}": float("nan") for k in ks}  # reached only with the data checks off
         return reference.recall_at_k(queries, gallery, ks, query_ids=query_ids, gallery_ids=gallery_ids)
     with torch.no_grad():
-        best = retrieval_best(queries, gallery, query_ids, gallery_ids)
-        rank = ops("retrieval", name)["count"](queries, gallery, best, query_ids, gallery_ids)
+        rank = ops("retrieval", name)["count"](queries, gallery, query_ids, gallery_ids)
+        finite = torch.isfinite(queries).all() & torch.isfinite(gallery).all()
     if torch.compiler.is_compiling():
-        return {f"R@{k}": (rank < k).float().mean() for k in ks}
+        return {f"R@{k}": torch.where(finite, (rank < k).float().mean(), float("nan")) for k in ks}
+    if not bool(finite):
+        return {f"R@{k}": float("nan") for k in ks}  # reached only with the data checks off
     return {f"R@{k}": int((rank < k).sum()) / rank.shape[0] for k in ks}
-
-
-def best_positive_scores(queries: torch.Tensor, gallery: torch.Tensor, query_ids: Optional[torch.Tensor],
-                         gallery_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """best_i = max over query i's positives of ⟨Q_i, G_j⟩ (float32, float64 for float64), no Nq×Ng matrix."""
-    cd = reference.compute_dtype(queries)
-    best = torch.full((queries.shape[0],), float("-inf"), dtype=cd, device=queries.device)
-    for query_of, gallery_of in _positive_pairs(query_ids, gallery_ids, queries.shape[0], queries.device):
-        scores = (queries[query_of].to(cd) * gallery[gallery_of].to(cd)).sum(1)
-        best.scatter_reduce_(0, query_of, scores, "amax")
-    return best
-
-
-def _positive_pairs(query_ids: Optional[torch.Tensor], gallery_ids: Optional[torch.Tensor], nq: int, device):
-    """(query index, gallery index) of every positive pair, PAIR_CHUNK pairs at a time.
-
-    With ids, query i's positives are the run [lo_i, hi_i) of the gallery sorted by id, and
-    pair k (in query order) belongs to the query whose cumulative count first exceeds k.
-    """
-    if query_ids is None:
-        for p0 in range(0, nq, PAIR_CHUNK):
-            pair = torch.arange(p0, min(p0 + PAIR_CHUNK, nq), device=device)
-            yield pair, pair
-        return
-    sorted_ids, order = torch.sort(gallery_ids)
-    lo = torch.searchsorted(sorted_ids, query_ids)
-    ends = (torch.searchsorted(sorted_ids, query_ids, right=True) - lo).cumsum(0)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    total = int(ends[-1])
-    for p0 in range(0, total, PAIR_CHUNK):
-        pair = torch.arange(p0, min(p0 + PAIR_CHUNK, total), device=device)
-        query_of = torch.searchsorted(ends, pair, right=True)
-        yield query_of, order[lo[query_of] + pair - starts[query_of]]
 
 
 def _check_ks(ks) -> tuple:

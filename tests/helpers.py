@@ -15,6 +15,22 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, tor
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
+# Seeds drawn by `fresh_seed` in the running test; conftest prints them when it fails.
+SEEDS: list = []
+
+
+def fresh_seed() -> int:
+    """A new seed for fresh random inputs on every run, recorded so a failure can be replayed."""
+    seed = torch.seed() % 2**31
+    SEEDS.append(seed)
+    return seed
+
+
+def block_params() -> list:
+    """The `blocks` fixture's values: each backend's own blocking, and on a GPU the small one too
+    (on the CPU the small blocking runs in each file's small-blocks test, on fewer cases)."""
+    return ["default"] + ([pytest.param("small", marks=pytest.mark.gpu)] if HAS_CUDA else [])
+
 
 def fast_backends() -> list:
     """Backends held to the reference here: chunked torch always; Triton (interpreted on the CPU);
@@ -28,9 +44,9 @@ def fast_backends() -> list:
 
 
 def dtypes_for(backend: str) -> list:
-    """float64 is the torch backend's; bf16 only on a GPU (the Triton interpreter has no bf16)."""
+    """float64 is the torch backend's; bf16 on the CPU only there (the Triton interpreter has no bf16)."""
     if backend == "torch":
-        return [torch.float64, torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
+        return [torch.float64, torch.float32, torch.float16, torch.bfloat16]
     return [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
@@ -80,8 +96,48 @@ def as_reference(*tensors: torch.Tensor) -> list:
 def assert_close_to_reference(out, ref, dtype, names: Sequence[str]) -> None:
     """out/ref: sequences of tensors (loss, gradients...) compared with the dtype's tolerance."""
     tol = TOLERANCE[dtype]
+    assert len(out) == len(ref) and len(out) <= len(names), (
+        f"{len(out)} outputs, {len(ref)} reference values, names {', '.join(names)}")
     for name, o, r in zip(names, out, ref):
         assert o is not None, f"{name}: no value/gradient produced"
         assert torch.isfinite(o.detach().double()).all(), f"{name}: non-finite values"
         err = rel_err(o, r)
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g} ({dtype})"
+
+
+# The small blocking: 16×16×16 Triton tiles, up to 64 forward row groups and 16 programs' worth
+# of column groups, gradient blocks of 3 tiles with at most 2 tiles along the columns (the
+# grid.y cap), 8×12 chunked tiles, 5-row cosine chunks.
+SMALL_TILE = dict(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
+SMALL_GRAD_BLOCK_ELEMENTS = 3 * 16 * 16
+
+
+def apply_small_blocks(monkeypatch):
+    """Many row groups (the column partials merged across groups), many gradient blocks (block
+    offsets into G, ids and statistics) and tiny, ragged tiles on every backend."""
+    from pyclipfast import _blocks
+    from pyclipfast.chunked import _tiles as chunked_tiles
+    from pyclipfast.chunked import cosine as chunked_cosine
+
+    monkeypatch.setattr(chunked_tiles, "TILE_ROWS", 8)
+    monkeypatch.setattr(chunked_tiles, "TILE_COLS", 12)
+    monkeypatch.setattr(chunked_cosine, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(_blocks, "GRAD_BLOCK_ELEMENTS", SMALL_GRAD_BLOCK_ELEMENTS)
+    monkeypatch.setattr(_blocks, "INTERPRET_GRAD_BLOCK_ELEMENTS", SMALL_GRAD_BLOCK_ELEMENTS)
+    monkeypatch.setattr(_blocks, "MAX_GRID_Y", 2)
+    from pyclipfast._dispatch import triton_available
+
+    if not triton_available():
+        return
+    from pyclipfast.triton import _tiles as triton_tiles
+    from pyclipfast.triton import clip, cosine, distill, retrieval, siglip
+
+    small = triton_tiles.TileConfig(**SMALL_TILE)
+    for module in (clip, siglip, distill, retrieval):
+        monkeypatch.setattr(module, "tile_config", lambda x: small)
+    monkeypatch.setattr(triton_tiles, "MAX_ROW_GROUPS", 64)
+    monkeypatch.setattr(triton_tiles, "INTERPRET_MAX_ROW_GROUPS", 64)
+    monkeypatch.setattr(triton_tiles, "parallel_target", lambda x: 16)
+    monkeypatch.setattr(retrieval, "parallel_target", lambda x: 16)
+    monkeypatch.setattr(cosine, "MAX_BLOCK_D", 16)
+    monkeypatch.setattr(cosine, "BLOCK_ELEMENTS", 64)

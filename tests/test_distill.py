@@ -6,7 +6,10 @@ import torch
 from open_clip import loss as oc
 
 import pyclipfast as pcf
-from helpers import DEVICE, as_reference, assert_close_to_reference, backend_dtype_params, features, leaves
+from helpers import (
+    DEVICE, as_reference, assert_close_to_reference, backend_dtype_params, block_params, fast_backends, features,
+    fresh_seed, leaves,
+)
 
 
 def _ids(n, m, seed):
@@ -44,32 +47,55 @@ def _inputs(n, m, d, dt, s, feature_opts, dtype, seed):
     return student, teacher, scales
 
 
-def run(backend, a, b, ta, tb, scale, teacher_scale, **kw):
-    """(contrastive, distill, dA, dB, dscale) for the objective contrastive + distill."""
-    a, b, scale = leaves(a, b, scale)
+ALL = ("image", "text", "scale")
+
+
+def run(backend, a, b, ta, tb, scale, teacher_scale, wrt=ALL, **kw):
+    """(contrastive, distill, *gradients with respect to wrt) for the objective contrastive + distill."""
+    inputs = dict(zip(ALL, (a, b, scale)))
+    inputs.update(zip(wrt, leaves(*(inputs[name] for name in wrt))))
+    a, b, scale = inputs.values()
     contrastive, distill = pcf.distill_loss(a, b, ta, tb, scale, teacher_scale, backend=backend, **kw)
-    return [contrastive, distill, *torch.autograd.grad(contrastive + distill, (a, b, scale))]
+    return [contrastive, distill, *torch.autograd.grad(contrastive + distill, [inputs[name] for name in wrt])]
 
 
+@pytest.mark.parametrize("blocks", block_params(), indirect=True)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
-def test_matches_float64_reference(backend, dtype, case):
+def test_matches_float64_reference(backend, dtype, case, blocks):
+    check_against_reference(backend, dtype, case)
+
+
+SMALL_BLOCK_CASES = [
+    ("N34xM40-D16-ids-m0.3-filter", 34, 40, 16, 8, 10.0, dict(margin=0.3, false_negative_threshold=0.0), {}, True),
+    ("N37-D20-Dt12-m0.1-ce", 37, 37, 20, 12, 14.3, dict(margin=0.1, kd="ce"), {}, False),
+]
+
+
+@pytest.mark.parametrize("wrt", [ALL, ("scale",)], ids=["all-grads", "scale-only"])
+@pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=[c[0] for c in SMALL_BLOCK_CASES])
+@pytest.mark.parametrize("backend", fast_backends())
+def test_small_blocks_match_float64_reference(backend, case, wrt, small_blocks):
+    """16×16 tiles, ≤ 64 row groups, 3-tile gradient blocks: the column partials (eight
+    statistics) merged across row groups, H's block offsets, the scale-only sweep."""
+    check_against_reference(backend, torch.float32, case, wrt)
+
+
+def check_against_reference(backend, dtype, case, wrt=ALL):
     _, n, m, d, dt, s, loss_opts, feature_opts, with_ids = case
-    seed = torch.seed() % 2**31  # fresh inputs every run
+    seed = fresh_seed()
     (a, b), (ta, tb), (scale, teacher_scale) = _inputs(n, m, d, dt, s, feature_opts, dtype, seed)
     kw = dict(loss_opts, **(_ids(n, m, seed) if with_ids else {}))
-    out = run(backend, a, b, ta, tb, scale, teacher_scale, **kw)
+    out = run(backend, a, b, ta, tb, scale, teacher_scale, wrt, **kw)
     ref_kw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    ref = run("reference", *as_reference(a, b, ta, tb, scale, teacher_scale), **ref_kw)
+    ref = run("reference", *as_reference(a, b, ta, tb, scale, teacher_scale), wrt, **ref_kw)
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert out[0].dtype == out[1].dtype == loss_dtype
-    assert out[2].dtype == out[3].dtype == dtype
+    assert all(g.dtype == (dtype if name != "scale" else loss_dtype) for name, g in zip(wrt, out[2:]))
+    names = ["contrastive", "distill", *(f"d_{name}" for name in wrt)]
     if loss_opts.get("kd_weight") == 0.0:
         assert float(out[1]) == 0.0
-        out, ref = out[:1] + out[2:], ref[:1] + ref[2:]
-        names = ["contrastive", "d_image", "d_text", "d_scale"]
-    else:
-        names = ["contrastive", "distill", "d_image", "d_text", "d_scale"]
+        out, ref, names = out[:1] + out[2:], ref[:1] + ref[2:], names[:1] + names[2:]
     assert_close_to_reference(out, ref, dtype, names)
 
 

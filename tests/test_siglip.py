@@ -4,7 +4,8 @@ import torch
 
 import pyclipfast as pcf
 from helpers import (
-    DEVICE, as_reference, assert_close_to_reference, backend_dtype_params, features, leaves,
+    DEVICE, as_reference, assert_close_to_reference, backend_dtype_params, block_params, fast_backends, features,
+    fresh_seed, leaves,
 )
 
 # id, N, M, D, scale, bias, feature options, mode
@@ -20,17 +21,38 @@ CASES = [
 ]
 
 
-def run(backend, a, b, scale, bias, **kw):
-    a, b, scale, bias = leaves(a, b, scale, bias)
-    loss = pcf.siglip_loss(a, b, scale, bias, backend=backend, **kw)
-    return [loss, *torch.autograd.grad(loss, (a, b, scale, bias))]
+ALL = ("image", "text", "scale", "bias")
 
 
+def run(backend, a, b, scale, bias, wrt=ALL, **kw):
+    """[loss, *gradients with respect to wrt] (only those inputs require grad)."""
+    inputs = dict(zip(ALL, (a, b, scale, bias)))
+    inputs.update(zip(wrt, leaves(*(inputs[name] for name in wrt))))
+    loss = pcf.siglip_loss(*inputs.values(), backend=backend, **kw)
+    return [loss, *torch.autograd.grad(loss, [inputs[name] for name in wrt])]
+
+
+@pytest.mark.parametrize("blocks", block_params(), indirect=True)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
-def test_matches_float64_reference(backend, dtype, case):
+def test_matches_float64_reference(backend, dtype, case, blocks):
+    check_against_reference(backend, dtype, case)
+
+
+SMALL_BLOCK_CASES = [c for c in CASES if c[0] in ("N45xM70-D24-ids", "N60-D16-duplicate-rows")]
+
+
+@pytest.mark.parametrize("wrt", [ALL, ("scale", "bias")], ids=["all-grads", "scalars-only"])
+@pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=[c[0] for c in SMALL_BLOCK_CASES])
+@pytest.mark.parametrize("backend", fast_backends())
+def test_small_blocks_match_float64_reference(backend, case, wrt, small_blocks):
+    """16×16 tiles and 3-tile gradient blocks: G's block offsets; the sweep without G stored."""
+    check_against_reference(backend, torch.float32, case, wrt)
+
+
+def check_against_reference(backend, dtype, case, wrt=ALL):
     _, n, m, d, s, bias, opts, mode = case
-    seed = torch.seed() % 2**31
+    seed = fresh_seed()
     a = features(n, d, dtype=dtype, seed=seed, **opts)
     b = features(m, d, dtype=dtype, seed=seed + 1, **opts)
     sdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -42,11 +64,11 @@ def test_matches_float64_reference(backend, dtype, case):
                   text_ids=torch.randint(0, 20, (m,), generator=g).to(DEVICE))
     elif mode == "negative_only":
         kw = dict(negative_only=True)
-    out = run(backend, a, b, scale, bias, **kw)
-    ref = run("reference", *as_reference(a, b, scale, bias),
+    out = run(backend, a, b, scale, bias, wrt, **kw)
+    ref = run("reference", *as_reference(a, b, scale, bias), wrt,
               **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
-    assert out[1].dtype == dtype and out[2].dtype == dtype
-    assert_close_to_reference(out, ref, dtype, ["loss", "d_image", "d_text", "d_scale", "d_bias"])
+    assert all(g.dtype == (dtype if name in ("image", "text") else sdt) for name, g in zip(wrt, out[1:]))
+    assert_close_to_reference(out, ref, dtype, ["loss", *(f"d_{name}" for name in wrt)])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -1,6 +1,7 @@
 """Bad input raises a clear ValueError/TypeError naming the argument (SPEC §7)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pyclipfast as pcf
 from helpers import features
@@ -62,8 +63,10 @@ def test_clip_column_without_positive_names_the_column():
 
 
 def test_clip_rows_only_ignores_columns_without_positive():
+    """Rows only: text 8 (id 99) is every row's negative and needs no positive of its own."""
     loss = pcf.clip_loss(A, B9, 10.0, image_ids=IDS, text_ids=IDS9, bidirectional=False)
-    assert torch.isfinite(loss)
+    expected = F.cross_entropy(10.0 * A.double() @ B9.double().T, torch.arange(8))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_clip_reduction_and_option_checks():
@@ -76,7 +79,10 @@ def test_clip_reduction_and_option_checks():
 
 
 def test_siglip_negative_only_allows_rectangular_without_ids():
-    assert torch.isfinite(pcf.siglip_loss(A, B[:5], 10.0, -10.0, negative_only=True))
+    """Every pair a negative: −(1/N) Σ log σ(−S_ij) = (1/N) Σ softplus(S_ij)."""
+    loss = pcf.siglip_loss(A, B[:5], 10.0, -10.0, negative_only=True)
+    expected = F.softplus(10.0 * A.double() @ B[:5].double().T - 10.0).sum() / 8
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_backend_float64_rejected_by_kernel_backends():

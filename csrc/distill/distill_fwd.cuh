@@ -83,9 +83,9 @@ __device__ __forceinline__ void logits(Smem<T>& sm, const DistillForwardParams& 
     const float cs = sm.tile.s[r][c];
     const float alpha = teacher ? sm.alpha[r][c] : cs;
     sm.z[r][c] = margin_logit(p.o, cs, alpha, positive, scale).z;
-    if (kd) {
-      sm.tile.s[r][c] = cs * scale;
-      sm.alpha[r][c] = alpha * teacher_scale;
+    if (kd) {  // a −∞ U or V would drop out of its log-sum-exp and give an infinite KL: NaN instead
+      sm.tile.s[r][c] = isfinite(cs) ? cs * scale : NAN;
+      sm.alpha[r][c] = isfinite(alpha) ? alpha * teacher_scale : NAN;
     }
   }
   __syncthreads();

@@ -39,6 +39,9 @@ __device__ __forceinline__ MarginLogit margin_logit(const DistillOptions& o, flo
   }
   float z = psi * scale;
   if (o.filter && !positive && alpha > o.threshold) z = kNegInf;
+  // A non-finite score or teacher score can leave no trace in Z (clamped into ψ, filtered, or a
+  // −∞ dropped by the log-sum-exp): make Z NaN (SPEC §7).
+  if (!isfinite(c) || !isfinite(alpha)) z = c + alpha + NAN;
   return {z, psi, slope};
 }
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import _tiles
-from ._tiles import TileScores, add_positive_grad, positive_tile, spans
+from ._tiles import TileScores, add_positive_grad, nonfinite_poison, positive_tile, spans
 
 
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
@@ -28,10 +28,13 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     n, m = a.shape[0], b.shape[0]
     ts = TileScores(a, b, scale)
     opts = dict(dtype=ts.cd, device=a.device)
-    row_lse, row_pos = torch.empty(n, **opts), torch.zeros(n, **opts)
+    # 0 for finite inputs, NaN otherwise: a −∞ score (an infinite feature) leaves no trace in the
+    # log-sum-exp, so it is carried into the positive sums instead (SPEC §7); O((N + M)·D), no sync.
+    poison = nonfinite_poison(ts.cd, a, b, scale)
+    row_lse, row_pos = torch.empty(n, **opts), torch.zeros(n, **opts).add_(poison)
     if bidirectional:
         col_max, col_sum = torch.full((m,), float("-inf"), **opts), torch.zeros(m, **opts)
-        col_pos = torch.zeros(m, **opts)
+        col_pos = torch.zeros(m, **opts).add_(poison)
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_scaled = ts.scaled(ts.rows(i0, i1))
         run_max = torch.full((i1 - i0,), float("-inf"), **opts)

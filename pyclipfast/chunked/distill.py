@@ -29,7 +29,7 @@ import torch
 
 from . import _tiles
 from ..reference import ANGLE_EPS
-from ._tiles import add_positive_grad, compute_dtype, positive_tile, spans
+from ._tiles import add_positive_grad, compute_dtype, nonfinite_poison, positive_tile, spans
 
 if TYPE_CHECKING:
     from ..distill import DistillOptions
@@ -189,7 +189,10 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     out.update(col_lse=z_cols.lse(), col_pos=col_pos)
     if kd:
         out.update(student_col_lse=u_cols.lse(), teacher_col_lse=v_cols.lse(), col_cross=v_cols.mean())
-    return out
+    # A non-finite input can leave no trace in the tiles' math (clamped into ψ, filtered, a −∞
+    # dropped by a log-sum-exp): carry it into every statistic as NaN (SPEC §7).
+    poison = nonfinite_poison(tiles.cd, a, b, scale, *((ta, tb, teacher_scale) if opts.needs_teacher else ()))
+    return {k: v + poison for k, v in out.items()}
 
 
 def _add_positive_sums(z, row_ids, col_ids, i0, i1, j0, j1, row_pos, col_pos) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _tiles
-from ._tiles import TileScores, positive_tile, spans
+from ._tiles import TileScores, nonfinite_poison, positive_tile, spans
 
 
 def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -27,7 +27,8 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     ts = TileScores(a, b, scale)
     opts = dict(dtype=ts.cd, device=a.device)
     bias_c = None if bias is None else bias.detach().to(ts.cd)
-    loss_sum = torch.zeros((), **opts)
+    # softplus(±∞) is ∞ or 0, never NaN: carry a non-finite input into the loss as NaN (SPEC §7)
+    loss_sum = torch.zeros((), **opts).add_(nonfinite_poison(ts.cd, a, b, scale, *([] if bias is None else [bias])))
     dscale, dbias = torch.zeros((), **opts), torch.zeros((), **opts)
     da = torch.empty(a.shape, **opts) if need_a else None
     db = torch.zeros(b.shape, **opts) if need_b else None

@@ -8,6 +8,8 @@ and the loss-specific kernel adds only what it does with the tile.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -26,26 +28,29 @@ def score_tile(a_ptr, b_ptr, offs_m, offs_n, n_rows, n_cols, dim,
                stride_am, stride_ak, stride_bn, stride_bk,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                PRECISION: tl.constexpr):
-    """acc[m, n] = ⟨A[offs_m], B[offs_n]⟩ in fp32; rows/cols out of range read as zeros."""
+    """acc[m, n] = ⟨A[offs_m], B[offs_n]⟩ in fp32; rows/cols out of range read as zeros.
+
+    Offsets are int64 for any layout: a column-major (D, N) operand has stride_ak = N, and
+    k·N passes 2³¹ long before the memory runs out.
+    """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
     row_ok = offs_m[:, None] < n_rows
     col_ok = offs_n[None, :] < n_cols
     for k in range(0, dim, BLOCK_K):
-        k_ok = (k + offs_k) < dim
-        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
+        offs_k = k + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < dim
+        a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=row_ok & k_ok[None, :], other=0.0)
+        b = tl.load(b_cols + offs_k[:, None] * stride_bk, mask=k_ok[:, None] & col_ok, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
 @triton.jit
 def positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, POS_MODE: tl.constexpr):
-    """pos[m, n]: 0 = diagonal (i == j), 1 = equal ids, 2 = no positives. Out-of-range is False."""
+    """pos[m, n]: 0 = diagonal (i == j), 1 = equal ids, 2 = no positives. Out-of-range is False.
+    The ids are contiguous int64 (`ids_or_dummy`)."""
     valid = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
     if POS_MODE == 0:
         pos = offs_m[:, None] == offs_n[None, :]
@@ -145,7 +150,33 @@ def split_groups(n_row_blocks: int, n_col_blocks: int, x: torch.Tensor):
 
 
 def ids_or_dummy(ids: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return ids if ids is not None else torch.empty(1, dtype=torch.int64, device=like.device)
+    """The ids as the kernels read them (contiguous int64), or a placeholder when there are none."""
+    if ids is None:
+        return torch.empty(1, dtype=torch.int64, device=like.device)
+    return ids.to(torch.int64).contiguous()
+
+
+def on_input_device(launcher):
+    """Run a host launcher with its first tensor's GPU as the current device: Triton launches on the
+    current device, so tensors on cuda:1 while cuda:0 is current would otherwise fail or touch the
+    wrong device (a no-op for CPU tensors under the interpreter)."""
+
+    @functools.wraps(launcher)
+    def launch(x: torch.Tensor, *args, **kwargs):
+        guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launcher(x, *args, **kwargs)
+
+    return launch
+
+
+def block_grid(r0: int, r1: int, c0: int, c1: int, cfg: TileConfig) -> tuple:
+    """(row tiles, column tiles) of the gradient block [r0, r1) × [c0, c1): one program per tile.
+    `_blocks.grad_block_shape` keeps the column count within the grid's y limit."""
+    grid = (triton.cdiv(r1 - r0, cfg.block_m), triton.cdiv(c1 - c0, cfg.block_n))
+    if grid[1] > _blocks.MAX_GRID_Y:
+        raise RuntimeError(f"gradient block {r1 - r0}x{c1 - c0} needs {grid[1]} column tiles > {_blocks.MAX_GRID_Y}")
+    return grid
 
 
 def vec_or_dummy(v: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

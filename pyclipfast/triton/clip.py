@@ -33,8 +33,8 @@ from torch.library import wrap_triton
 
 from .._blocks import gradient_norm, lse_partials, merge_lse_partials
 from ._tiles import (
-    blocked_grads, dot_precision, finite_or_zero, ids_or_dummy, positive_tile, score_tile, split_groups, tile_config,
-    vec_or_dummy,
+    block_grid, blocked_grads, dot_precision, finite_or_zero, ids_or_dummy, on_input_device, positive_tile, score_tile,
+    split_groups, tile_config, vec_or_dummy,
 )
 
 
@@ -68,8 +68,10 @@ def _clip_fwd_kernel(
                              stride_am, stride_ak, stride_bn, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             valid = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
             s = tl.where(valid, acc * scale, float("-inf"))
+            # 0·S off the positives: a −∞ score (an infinite feature) leaves no trace in the
+            # log-sum-exp, so carry it into the positive sums as NaN (SPEC §7).
             s_pos = tl.where(positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, POS_MODE),
-                             s, 0.0)
+                             s, 0.0 * (acc * scale))
             row_pos += tl.sum(s_pos, 1)
             new_max = tl.maximum(row_max, tl.max(s, 1))
             shift = finite_or_zero(new_max)  # rows past the end stay -inf; keep them NaN-free
@@ -144,6 +146,7 @@ def _pos_mode(row_ids: Optional[torch.Tensor]) -> int:
     return 0 if row_ids is None else 1
 
 
+@on_input_device
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                  row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool):
     n, dim = a.shape
@@ -164,6 +167,7 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     return merge_lse_partials(parts)
 
 
+@on_input_device
 def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                   row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor],
                   row_lse: torch.Tensor, col_lse: Optional[torch.Tensor],
@@ -180,7 +184,7 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     dscale_parts = []
 
     def write_block(g, r0, r1, c0, c1):
-        grid = (triton.cdiv(r1 - r0, cfg.block_m), triton.cdiv(c1 - c0, cfg.block_n))
+        grid = block_grid(r0, r1, c0, c1, cfg)
         part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
         wrap_triton(_clip_grad_kernel)[grid](
             a, b, scale_f, *ids, *vecs, inv_norm, g, g.stride(0), g.stride(1), part,

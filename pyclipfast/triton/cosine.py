@@ -18,6 +18,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..reference import COSINE_EPS
+from ._tiles import on_input_device
 
 # Widest row kept in registers (elements); wider rows take the two-sweep loop.
 MAX_BLOCK_D = 8192
@@ -27,7 +28,8 @@ BLOCK_ELEMENTS = 4096
 
 @triton.jit
 def _load(ptr, rows, cols, stride_m, stride_k, mask):
-    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride_m + cols[None, :] * stride_k, mask=mask,
+    # int64 offsets along D too: a column-major (D, N) input has stride_k = N
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride_m + cols.to(tl.int64)[None, :] * stride_k, mask=mask,
                    other=0.0).to(tl.float32)
 
 
@@ -94,6 +96,7 @@ def _cosine_kernel(
                              NEED_P, NEED_Z)
 
 
+@on_input_device
 def cosine_forward(online: torch.Tensor, target: torch.Tensor, grad_scale: float, need_online: bool,
                    need_target: bool):
     """(cos (N,) float32, d_online, d_target): the gradients of grad_scale·Σ_i cos_i, None when not needed."""

@@ -38,8 +38,8 @@ from torch.library import wrap_triton
 from .._blocks import gradient_norm, merge_weighted, packed_distill_vectors
 from ..reference import ANGLE_EPS
 from ._tiles import (
-    blocked_grads, dot_precision, ids_or_dummy, merge_lse, online_lse, positive_tile, score_tile, split_groups,
-    tile_config,
+    block_grid, blocked_grads, dot_precision, ids_or_dummy, merge_lse, on_input_device, online_lse, positive_tile,
+    score_tile, split_groups, tile_config,
 )
 
 if TYPE_CHECKING:
@@ -154,11 +154,16 @@ def _distill_fwd_kernel(
             pos = positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, POS_MODE)
             z, _, _ = _margin_logits(c, alpha, pos, scale, margin, threshold, MARGIN, FILTER)
             z = tl.where(valid, z, float("-inf"))
-            z_on_pos = tl.where(pos, z, 0.0)
-            z_pos += tl.sum(z_on_pos, 1)
+            # 0·s·(c + α) off the positives: a non-finite score or teacher score can leave no trace
+            # in Z (clamped into ψ, filtered, or a −∞ dropped by the log-sum-exp): carry it into
+            # the positive sums as NaN (SPEC §7).
+            z_on_pos = tl.where(pos, z, 0.0 * scale * (c + alpha))
+            row_pos_tile = tl.sum(z_on_pos, 1)
+            col_pos_tile = tl.sum(z_on_pos, 0)
+            z_pos += row_pos_tile
             z_max, z_sum, _, _ = online_lse(z_max, z_sum, z, 1)
             _col_lse(col_part, col_stride, Z_MAX, offs_n, col_ok, z)
-            _col_update(col_part, col_stride, Z_POS, offs_n, col_ok, 1.0, tl.sum(z_on_pos, 0))
+            _col_update(col_part, col_stride, Z_POS, offs_n, col_ok, 1.0, col_pos_tile)
             if KD != 0:
                 u = tl.where(valid, c * scale, 0.0)
                 v = tl.where(valid, alpha * teacher_scale, 0.0)
@@ -167,10 +172,12 @@ def _distill_fwd_kernel(
                 v_inf = tl.where(valid, v, float("-inf"))
                 u_max, u_sum, _, _ = online_lse(u_max, u_sum, u_inf, 1)
                 v_max, v_sum, rescale, e = online_lse(v_max, v_sum, v_inf, 1)
-                v_cross = v_cross * rescale + tl.sum(e * w, 1)
+                # + 0·(positive sums): the same NaN for a non-finite score (a −∞ student score would
+                # make Σ p·U −∞ and the KL +∞ instead)
+                v_cross = v_cross * rescale + tl.sum(e * w, 1) + 0.0 * row_pos_tile
                 _col_lse(col_part, col_stride, U_MAX, offs_n, col_ok, u_inf)
                 rescale, e = _col_lse(col_part, col_stride, V_MAX, offs_n, col_ok, v_inf)
-                _col_update(col_part, col_stride, V_CROSS, offs_n, col_ok, rescale, tl.sum(e * w, 0))
+                _col_update(col_part, col_stride, V_CROSS, offs_n, col_ok, rescale, tl.sum(e * w, 0) + 0.0 * col_pos_tile)
             # The next row block of this program reads these columns back, possibly
             # from other threads: make the writes visible block-wide first.
             tl.debug_barrier()
@@ -187,13 +194,19 @@ def _distill_fwd_kernel(
 
 
 @triton.jit
+def _packed(vec_ptr, AT: tl.constexpr, length, offs):
+    """Pointers to entries offs of vector AT in a packed [vectors, length] buffer (int64: 6·N passes 2³¹)."""
+    return vec_ptr + AT * tl.cast(length, tl.int64) + offs
+
+
+@triton.jit
 def _softmax_grad(row_vec_ptr, col_vec_ptr, n_rows, n_cols, offs_m, offs_n, row_ok, col_ok, x,
                   LSE_AT: tl.constexpr, G_AT: tl.constexpr):
     """g_row_i·exp(x_ij − row_lse_i) + g_col_j·exp(x_ij − col_lse_j), vectors read from the packed buffers."""
-    row_lse = tl.load(row_vec_ptr + LSE_AT * n_rows + offs_m, mask=row_ok, other=0.0)
-    row_g = tl.load(row_vec_ptr + G_AT * n_rows + offs_m, mask=row_ok, other=0.0)
-    col_lse = tl.load(col_vec_ptr + LSE_AT * n_cols + offs_n, mask=col_ok, other=0.0)
-    col_g = tl.load(col_vec_ptr + G_AT * n_cols + offs_n, mask=col_ok, other=0.0)
+    row_lse = tl.load(_packed(row_vec_ptr, LSE_AT, n_rows, offs_m), mask=row_ok, other=0.0)
+    row_g = tl.load(_packed(row_vec_ptr, G_AT, n_rows, offs_m), mask=row_ok, other=0.0)
+    col_lse = tl.load(_packed(col_vec_ptr, LSE_AT, n_cols, offs_n), mask=col_ok, other=0.0)
+    col_g = tl.load(_packed(col_vec_ptr, G_AT, n_cols, offs_n), mask=col_ok, other=0.0)
     return row_g[:, None] * tl.exp(x - row_lse[:, None]) + col_g[None, :] * tl.exp(x - col_lse[None, :])
 
 
@@ -225,8 +238,8 @@ def _distill_grad_kernel(
     pos = positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, row1, col1, POS_MODE)
     z, psi, slope = _margin_logits(c, alpha, pos, scale, margin, threshold, MARGIN, FILTER)
     g_z = _softmax_grad(row_vec_ptr, col_vec_ptr, n_rows, n_cols, offs_m, offs_n, row_ok, col_ok, z, LSE, G_LSE)
-    g_row_pos = tl.load(row_vec_ptr + G_POS * n_rows + offs_m, mask=row_ok, other=0.0)
-    g_col_pos = tl.load(col_vec_ptr + G_POS * n_cols + offs_n, mask=col_ok, other=0.0)
+    g_row_pos = tl.load(_packed(row_vec_ptr, G_POS, n_rows, offs_m), mask=row_ok, other=0.0)
+    g_col_pos = tl.load(_packed(col_vec_ptr, G_POS, n_cols, offs_n), mask=col_ok, other=0.0)
     g_z += tl.where(pos, g_row_pos[:, None] + g_col_pos[None, :], 0.0)
     h = g_z * slope
     ds = g_z * psi
@@ -270,6 +283,7 @@ def _kernel_args(a, b, ta, tb, opts: "DistillOptions"):
         ta.stride(0), ta.stride(1), tb.stride(0), tb.stride(1))
 
 
+@on_input_device
 def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: "DistillOptions") -> Dict:
     n, m = a.shape[0], b.shape[0]
     cfg = _config(a)
@@ -303,6 +317,7 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
 
 
 
+@on_input_device
 def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: "DistillOptions",
                      lse: Dict, grads: Dict, need_a: bool = True, need_b: bool = True, need_scale: bool = True):
     cfg = _config(a)
@@ -316,7 +331,7 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
     dscale_parts = []
 
     def write_block(g, r0, r1, c0, c1):
-        grid = (triton.cdiv(r1 - r0, cfg.block_m), triton.cdiv(c1 - c0, cfg.block_n))
+        grid = block_grid(r0, r1, c0, c1, cfg)
         part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
         wrap_triton(_distill_grad_kernel)[grid](
             a, b, ta, tb, scales, *ids, row_vec, col_vec, 1.0 / norm, g, g.stride(0), g.stride(1), part,

@@ -20,7 +20,10 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .._blocks import siglip_outputs
-from ._tiles import blocked_grads, dot_precision, ids_or_dummy, positive_tile, score_tile, softplus, tile_config
+from ._tiles import (
+    block_grid, blocked_grads, dot_precision, ids_or_dummy, on_input_device, positive_tile, score_tile, softplus,
+    tile_config,
+)
 
 
 @triton.jit
@@ -44,7 +47,8 @@ def _siglip_kernel(
         s += tl.load(bias_ptr).to(tl.float32)
     pos = positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, row1, col1, POS_MODE)
     z = tl.where(pos, -s, s)
-    tl.store(loss_part_ptr + part, tl.sum(tl.sum(tl.where(valid, softplus(z), 0.0), 1), 0))
+    # + 0·z: softplus(±∞) is ∞ or 0, never NaN; an infinite score must give a NaN loss (SPEC §7)
+    tl.store(loss_part_ptr + part, tl.sum(tl.sum(tl.where(valid, softplus(z) + 0.0 * z, 0.0), 1), 0))
     sig = 1.0 / (1.0 + tl.exp(-z))
     g = tl.where(valid, tl.where(pos, -sig, sig), 0.0)
     tl.store(dscale_part_ptr + part, tl.sum(tl.sum(g * acc, 1), 0))
@@ -54,6 +58,7 @@ def _siglip_kernel(
         tl.store(out, g.to(g_out_ptr.dtype.element_ty), mask=valid)
 
 
+@on_input_device
 def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
                    row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], negative_only: bool,
                    grad_scale: float, need_a: bool, need_b: bool, need_scale: bool, need_bias: bool):
@@ -69,7 +74,7 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     parts = []
 
     def write_block(g, r0, r1, c0, c1):
-        grid = (triton.cdiv(r1 - r0, cfg.block_m), triton.cdiv(c1 - c0, cfg.block_n))
+        grid = block_grid(r0, r1, c0, c1, cfg)
         part = torch.empty(3, grid[0] * grid[1], **f32)
         wrap_triton(_siglip_kernel)[grid](
             a, b, scale_f, bias_f, *ids, g, g.stride(0), g.stride(1), part[0], part[1], part[2],
