@@ -128,9 +128,12 @@ def test_compiled_graph_skips_data_checks_and_gives_nan():
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="image_features"):
         pcf.clip_loss(bad, b, s)
-    for fn in (_clip, _siglip, _cosine):
+    for fn in (_clip, _siglip, _distill, _cosine):
+        torch._dynamo.reset()
         loss = torch.compile(fn, fullgraph=True, backend=BACKEND)(bad, b.detach(), ta, tb, s.detach())
-        assert torch.isnan(loss)
+        assert torch.isnan(loss), fn.__name__
+    recall = torch.compile(lambda q, g: pcf.recall_at_k(q, g, (1,)), fullgraph=True, backend=BACKEND)(bad, b.detach())
+    assert torch.isnan(recall["R@1"])
 
 
 def test_batch_size_changes_compile_at_most_twice():
