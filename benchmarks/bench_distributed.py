@@ -19,9 +19,13 @@ Results go to benchmarks/results/<machine>/distributed.json, and the table into 
 the markers of distributed.md next to it (the rest of that file is prose kept by hand).
 
     python -m benchmarks.bench_distributed --cost-model      # the per-rank cost model on W GPUs (no run)
+    python -m benchmarks.bench_distributed --memory          # bytes per rank at fixed n, W = 2, 4, 8
 
-writes the cost model (`cost_model`: FLOPs, bytes sent, extra memory per rank) into the second
-marked block of benchmarks/results/cpu-2core/distributed.md.
+--cost-model writes the cost model (`cost_model`: FLOPs, bytes sent, extra memory per rank) into the
+second marked block of benchmarks/results/cpu-2core/distributed.md; --memory counts the peak bytes
+of the tensors one forward + backward creates on each rank (`LiveBytes`, a counter: no timing, no
+RSS) for pyclipfast.ClipLoss and open_clip's ClipLoss (local_loss + gather_with_grad) at a fixed
+per-rank batch, into the third block.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -40,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from benchmarks.hardware import device_slug, machine_info
 from benchmarks.memory import malloc_trim, proc_status_bytes, reset_peak_rss
@@ -47,6 +54,7 @@ from benchmarks.memory import malloc_trim, proc_status_bytes, reset_peak_rss
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- bench_distributed:begin -->", "<!-- bench_distributed:end -->"
 MODEL_BEGIN, MODEL_END = "<!-- cost_model:begin -->", "<!-- cost_model:end -->"
+MEMORY_BEGIN, MEMORY_END = "<!-- memory_in_w:begin -->", "<!-- memory_in_w:end -->"
 SCALE, BIAS, WARMUP_ROWS = 14.3, -10.0, 64
 CLIP_OPTIONS = "local_loss+gather_with_grad"
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -162,6 +170,109 @@ def write(results: List[Dict], info: Dict, args: argparse.Namespace) -> Path:
     return folder
 
 
+# --------------------------------------------------------------------------- bytes per rank, counted
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes held at once by the tensors created while it is active (``with LiveBytes() as c``).
+
+    Every op's output that owns new storage is counted until its tensor is freed (views and
+    in-place results are not new storage). A counter, so it does not depend on the machine's
+    load or on the allocator; it sees tensors only, not the communication library's buffers.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                storage = t.untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in inputs:
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, storage.nbytes())
+        return out
+
+
+def counted_peak(module, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> int:
+    """Peak tensor bytes of one forward + backward of module(image, text, scale) on this rank."""
+    with LiveBytes() as counter:
+        loss = module(image, text, scale)
+        loss.backward()
+        del loss
+    return counter.peak
+
+
+def _memory_rank(rank: int, world: int, args: argparse.Namespace, rendezvous: str, out_dir: str) -> None:
+    import pyclipfast as pcf
+    from open_clip import loss as oc
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(minutes=5))
+    g = torch.Generator().manual_seed(rank)
+    image, text = (F.normalize(torch.randn(args.n, args.d, generator=g), dim=-1) for _ in range(2))
+    options = dict(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    peaks = {}
+    for name, module in (("pyclipfast", pcf.ClipLoss(backend="torch", **options)), ("open_clip", oc.ClipLoss(**options))):
+        a, b, scale = image.clone().requires_grad_(), text.clone().requires_grad_(), torch.tensor(SCALE).requires_grad_()
+        peaks[name] = counted_peak(module, a, b, scale)
+    dist.barrier()
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(peaks))
+
+
+def memory_in_w(args: argparse.Namespace) -> List[Dict]:
+    """Counted peak bytes per rank (the largest over ranks) for W = args.worlds at n = args.n."""
+    results = []
+    for world in args.worlds:
+        with tempfile.TemporaryDirectory() as out_dir:
+            mp.spawn(_memory_rank, args=(world, args, os.path.join(out_dir, "rendezvous"), out_dir), nprocs=world)
+            ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+        for name in ranks[0]:
+            results.append(dict(implementation=name, world_size=world, rows_per_rank=args.n, dim=args.d,
+                                n_global=world * args.n, peak_bytes_per_rank=max(r[name] for r in ranks)))
+        print(f"W={world}: " + ", ".join(f"{r['implementation']} {r['peak_bytes_per_rank'] / 2**20:.2f} MiB"
+                                         for r in results[-2:]), flush=True)
+    return results
+
+
+def memory_markdown(results: List[Dict], args: argparse.Namespace) -> str:
+    command = "python -m benchmarks.bench_distributed " + " ".join(sys.argv[1:])
+    lines = [f"`{command.strip()}` — fp32, n = {args.n} rows per rank, D = {args.d}, ClipLoss(local_loss, "
+             "gather_with_grad), peak bytes of the tensors one forward + backward creates on a rank (counted, "
+             "the largest rank). The gathered texts and their gradient, 2·N·D·4 B, are the part that grows "
+             "with W at fixed n.", "",
+             "| W | N | implementation | peak per rank (MiB) | minus 2·N·D·4 B (MiB) | growth per added rank (MiB) |",
+             "|---:|---:|---|---:|---:|---:|"]
+    for r in results:
+        first = next(f for f in results if f["implementation"] == r["implementation"])
+        features = 2 * r["n_global"] * r["dim"] * 4
+        steps = r["world_size"] - first["world_size"]
+        growth = "" if steps == 0 else f"{(r['peak_bytes_per_rank'] - first['peak_bytes_per_rank']) / steps / 2**20:.2f}"
+        lines.append(f"| {r['world_size']} | {r['n_global']:,} | {r['implementation']} "
+                     f"| {r['peak_bytes_per_rank'] / 2**20:.2f} | {(r['peak_bytes_per_rank'] - features) / 2**20:.2f} "
+                     f"| {growth} |")
+    return "\n".join(lines)
+
+
+def _write_block(begin: str, end: str, body: str) -> Path:
+    md = RESULTS / "cpu-2core" / "distributed.md"
+    text = md.read_text()
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    md.write_text(head + f"{begin}\n{body}\n{end}" + rest.split(end, 1)[1])
+    return md
+
+
 # --------------------------------------------------------------------------- cost model (no run)
 
 COST_WORLDS, COST_BATCHES, COST_DIM, COST_BYTES = (8, 64, 512), (2**16, 2**20, 2**23), 768, 2   # bf16
@@ -244,17 +355,6 @@ def cost_model_markdown(model: Dict) -> str:
     return "\n".join(lines)
 
 
-def write_cost_model() -> Path:
-    md = RESULTS / "cpu-2core" / "distributed.md"
-    text = md.read_text()
-    if MODEL_BEGIN not in text:
-        text += f"\n{MODEL_BEGIN}\n{MODEL_END}\n"
-    head, rest = text.split(MODEL_BEGIN, 1)
-    md.write_text(head + f"{MODEL_BEGIN}\n{cost_model_markdown(_trainer_model())}\n{MODEL_END}"
-                  + rest.split(MODEL_END, 1)[1])
-    return md
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16384, help="global batch size")
@@ -264,9 +364,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--cost-model", action="store_true", help="write the per-rank cost model and exit")
+    parser.add_argument("--memory", action="store_true",
+                        help="count the peak bytes per rank at fixed n (--n is then the per-rank batch)")
     args = parser.parse_args()
     if args.cost_model:
-        print(f"written to {write_cost_model()}")
+        print(f"written to {_write_block(MODEL_BEGIN, MODEL_END, cost_model_markdown(_trainer_model()))}")
+        return
+    if args.memory:
+        body = memory_markdown(memory_in_w(args), args)
+        print(body if args.no_write else f"written to {_write_block(MEMORY_BEGIN, MEMORY_END, body)}")
         return
     if any(args.n % w for w in args.worlds):
         parser.error(f"--n {args.n} must divide by every world size {args.worlds}")
