@@ -99,7 +99,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "train": ["open_clip_torch>=2.24", "matplotlib", "pillow", "pandas", "webdataset", "braceexpand"],
+        "train": ["open_clip_torch>=2.24", "matplotlib", "pillow", "pandas", "webdataset", "braceexpand", "tensorboard"],
+        "sentence-transformers": ["sentence-transformers>=6.2"],
         "test": [
             "pytest>=7",
             "pytest-benchmark",
@@ -109,6 +110,7 @@ setup(
             "webdataset",
             "braceexpand",
             "ninja",
+            "sentence-transformers>=6.2",
         ],
     },
     entry_points={"console_scripts": ["pyclipfast-train=pyclipfast.train.__main__:main"]},

@@ -7,15 +7,21 @@ peak-RSS counter is reset (``5 > /proc/self/clear_refs``) and the ranks meet at 
 the slowest rank's best time, and the largest extra peak (VmHWM minus the RSS before the step) over
 the ranks. Every (W, implementation) runs in fresh processes.
 
-Implementations, with the options open_clip users run at scale (local_loss + gather_with_grad):
+Implementations, with the options open_clip users run at scale (local_loss + gather_with_grad;
+SigLIP with every dist_impl):
     clip    open_clip ClipLoss | pyclipfast.ClipLoss (chunked torch) | pyclipfast.distributed.clip_loss
-    siglip  open_clip SigLipLoss (bidir) | pyclipfast.SigLipLoss | pyclipfast.distributed.siglip_loss
+    siglip  open_clip SigLipLoss | pyclipfast.SigLipLoss, each dist_impl | pyclipfast.distributed.siglip_loss
 
     python -m benchmarks.bench_distributed                      # N=16384 D=256, W = 2 and 4, both losses
     python -m benchmarks.bench_distributed --n 2048 --worlds 2 --losses clip --repeat 1 --no-write
 
 Results go to benchmarks/results/<machine>/distributed.json, and the table into the block between
 the markers of distributed.md next to it (the rest of that file is prose kept by hand).
+
+    python -m benchmarks.bench_distributed --cost-model      # the per-rank cost model on W GPUs (no run)
+
+writes the cost model (`cost_model`: FLOPs, bytes sent, extra memory per rank) into the second
+marked block of benchmarks/results/cpu-2core/distributed.md.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,36 +46,48 @@ from benchmarks.memory import malloc_trim, proc_status_bytes, reset_peak_rss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- bench_distributed:begin -->", "<!-- bench_distributed:end -->"
+MODEL_BEGIN, MODEL_END = "<!-- cost_model:begin -->", "<!-- cost_model:end -->"
 SCALE, BIAS, WARMUP_ROWS = 14.3, -10.0, 64
-IMPLEMENTATIONS = ("open_clip", "pyclipfast", "pyclipfast.distributed")
+CLIP_OPTIONS = "local_loss+gather_with_grad"
+DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
-def _loss_fn(loss: str, implementation: str, rank: int, world: int) -> Callable:
+def cases(loss: str):
+    """(implementation, variant) pairs of one loss; a variant's open_clip run is its baseline."""
+    variants = (CLIP_OPTIONS,) if loss == "clip" else DIST_IMPLS
+    for variant in variants:
+        yield "open_clip", variant
+        yield "pyclipfast", variant
+    yield "pyclipfast.distributed", variants[0]
+
+
+def _loss_fn(loss: str, implementation: str, variant: str, rank: int, world: int) -> Callable:
     """(image, text, scale, bias) -> loss for one rank."""
     import pyclipfast as pcf
     from pyclipfast import distributed as pcd
 
-    if implementation == "open_clip":
-        from open_clip import loss as oc
-        module = (oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world) if loss == "clip"
-                  else oc.SigLipLoss(rank=rank, world_size=world))
-    elif implementation == "pyclipfast":
-        module = (pcf.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend="torch")
-                  if loss == "clip" else pcf.SigLipLoss(rank=rank, world_size=world, backend="torch"))
-    elif loss == "clip":
-        return lambda a, b, s, bias: pcd.clip_loss(a, b, s, backend="torch")
-    else:
+    if implementation == "pyclipfast.distributed":
+        if loss == "clip":
+            return lambda a, b, s, bias: pcd.clip_loss(a, b, s, backend="torch")
         return lambda a, b, s, bias: pcd.siglip_loss(a, b, s, bias, backend="torch")
-    return (lambda a, b, s, bias: module(a, b, s)) if loss == "clip" else module
+    if implementation == "open_clip":
+        from open_clip import loss as library
+        backend = {}
+    else:
+        library, backend = pcf, dict(backend="torch")
+    if loss == "clip":
+        module = library.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, **backend)
+        return lambda a, b, s, bias: module(a, b, s)
+    return library.SigLipLoss(rank=rank, world_size=world, dist_impl=variant, **backend)
 
 
-def _rank(rank: int, world: int, loss: str, implementation: str, args: argparse.Namespace, rendezvous: str,
-          out_dir: str) -> None:
+def _rank(rank: int, world: int, loss: str, implementation: str, variant: str, args: argparse.Namespace,
+          rendezvous: str, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(minutes=20))
-    fn = _loss_fn(loss, implementation, rank, world)
+    fn = _loss_fn(loss, implementation, variant, rank, world)
     g = torch.Generator().manual_seed(rank)
     image, text = (F.normalize(torch.randn(args.n // world, args.d, generator=g), dim=-1) for _ in range(2))
 
@@ -98,13 +116,13 @@ def _rank(rank: int, world: int, loss: str, implementation: str, args: argparse.
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_case(loss: str, implementation: str, world: int, args: argparse.Namespace) -> Dict:
+def run_case(loss: str, implementation: str, variant: str, world: int, args: argparse.Namespace) -> Dict:
     """Spawn `world` ranks for one implementation; the slowest rank's time, the largest peak."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank, args=(world, loss, implementation, args, os.path.join(out_dir, "rendezvous"), out_dir),
-                 nprocs=world)
+        mp.spawn(_rank, args=(world, loss, implementation, variant, args, os.path.join(out_dir, "rendezvous"),
+                              out_dir), nprocs=world)
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
-    return dict(loss=loss, implementation=implementation, world_size=world, n_global=args.n,
+    return dict(loss=loss, implementation=implementation, variant=variant, world_size=world, n_global=args.n,
                 rows_per_rank=args.n // world, dim=args.d, dtype="float32", threads_per_rank=ranks[0]["threads"],
                 seconds=max(r["seconds"] for r in ranks),
                 extra_peak_bytes_per_rank=max(r["extra_peak_bytes"] for r in ranks),
@@ -113,15 +131,16 @@ def run_case(loss: str, implementation: str, world: int, args: argparse.Namespac
 
 
 def markdown_table(results: List[Dict]) -> str:
-    lines = ["| loss | W | n per rank | implementation | time (s, slowest rank) | extra peak per rank (MiB) "
-             "| vs open_clip (time, memory) | loss on rank 0 |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = ["| loss | W | n per rank | implementation | options | time (s, slowest rank) "
+             "| extra peak per rank (MiB) | vs open_clip (time, memory) | loss on rank 0 |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|"]
     for r in results:
         base = next(b for b in results if b["loss"] == r["loss"] and b["world_size"] == r["world_size"]
-                    and b["implementation"] == "open_clip")
+                    and b["implementation"] == "open_clip" and b["variant"] == r["variant"])
         ratio = (f"{r['seconds'] / base['seconds']:.2f}×, "
                  f"{100 * r['extra_peak_bytes_per_rank'] / base['extra_peak_bytes_per_rank']:.1f}%")
-        lines.append(f"| {r['loss']} | {r['world_size']} | {r['rows_per_rank']} | {r['implementation']} "
+        options = "" if r["implementation"] == "pyclipfast.distributed" else r["variant"]
+        lines.append(f"| {r['loss']} | {r['world_size']} | {r['rows_per_rank']} | {r['implementation']} | {options} "
                      f"| {r['seconds']:.2f} | {r['extra_peak_bytes_per_rank'] / 2**20:.1f} | {ratio} "
                      f"| {r['loss_rank0']:.6f} |")
     return "\n".join(lines)
@@ -143,6 +162,99 @@ def write(results: List[Dict], info: Dict, args: argparse.Namespace) -> Path:
     return folder
 
 
+# --------------------------------------------------------------------------- cost model (no run)
+
+COST_WORLDS, COST_BATCHES, COST_DIM, COST_BYTES = (8, 64, 512), (2**16, 2**20, 2**23), 768, 2   # bf16
+GEMM_TFLOPS = 780          # dense bf16 GEMM measured on the project's H200 (770-800 TFLOP/s)
+NVLINK_GBPS = 450          # NVLink 4 (H100/H200 SXM), 900 GB/s both directions: published rate, one direction
+INFINIBAND_GBPS = 50       # one 400 Gb/s NDR InfiniBand port per GPU: published rate, one direction
+TRAINER_MODEL = "ViT-L-14"  # open_clip's config with embed_dim 768
+
+
+def _trainer_model() -> Dict:
+    """Parameters and forward FLOPs per sample (2·params·tokens, attention scores left out) of
+    TRAINER_MODEL, built on the meta device from open_clip's config."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(TRAINER_MODEL)
+    with torch.device("meta"):
+        model = open_clip.model.CLIP(**cfg)
+    vision = sum(p.numel() for p in model.visual.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    text_cfg, vision_cfg = cfg["text_cfg"], cfg["vision_cfg"]
+    image_tokens = (vision_cfg["image_size"] // vision_cfg["patch_size"]) ** 2 + 1
+    text_matmul = total - vision - text_cfg["vocab_size"] * text_cfg["width"]   # embeddings are lookups
+    return dict(name=TRAINER_MODEL, params=total,
+                forward_flops=2 * vision * image_tokens + 2 * text_matmul * text_cfg["context_length"])
+
+
+def cost_model(world: int, n_global: int, dim: int = COST_DIM, b: int = COST_BYTES,
+               model: Optional[Dict] = None) -> Dict[str, Dict[str, float]]:
+    """Per rank, per training step (forward + backward): FLOPs, bytes sent, extra memory (bytes).
+
+    Ring collectives: an all-gather or reduce-scatter of a tensor of X bytes in total sends
+    (W−1)/W·X from each rank, an all-reduce twice that. Statistics are fp32 (4 B); kernels
+    accumulate the gathered columns' gradient in fp32 before casting it.
+    """
+    n, share = n_global // world, (world - 1) / world
+    features = n_global * dim * b                        # one gathered (N, D) tensor
+    column_stats = 4 * n_global * share * (2 + 1 + 1)      # max all-reduce, reduce-scatter, its all-gather
+    fused_memory = features + n_global * dim * 4 + features + 8 * 4 * n_global
+    rows = {
+        "pyclipfast.distributed.clip_loss = pyclipfast.ClipLoss": dict(
+            flops=8 * n * n_global * dim, sent=2 * share * features + column_stats, memory=fused_memory),
+        "open_clip ClipLoss(local_loss, gather_with_grad)": dict(
+            flops=12 * n * n_global * dim, sent=4 * share * features,
+            memory=2 * features + 2 * n * n_global * (b + 4 + 4)),
+        "pyclipfast.distributed.siglip_loss": dict(
+            flops=6 * n * n_global * dim, sent=2 * share * features, memory=fused_memory),
+        "pyclipfast.SigLipLoss (ring, any dist_impl)": dict(   # every block keeps its dA, dB for the backward
+            flops=6 * n * n_global * dim, sent=2 * share * features, memory=3 * features),
+        "open_clip SigLipLoss (ring)": dict(
+            flops=6 * n * n_global * dim, sent=2 * share * features, memory=features + n * n_global * (b + 4 + 4)),
+    }
+    if model is not None:
+        # Gradient caching: a no-grad forward, then forward + backward (2×) chunk by chunk; a fp32
+        # gradient all-reduce; cached embeddings and their gradients, fp32 weights, gradients, Adam.
+        loss = rows["pyclipfast.distributed.clip_loss = pyclipfast.ClipLoss"]
+        rows[f"trainer step: {model['name']} + clip_loss, gradient caching, DDP"] = dict(
+            flops=loss["flops"] + 4 * model["forward_flops"] * n,
+            sent=loss["sent"] + 2 * share * model["params"] * 4,
+            memory=loss["memory"] + 2 * 2 * n * dim * b + 16 * model["params"])
+    return rows
+
+
+def cost_model_markdown(model: Dict) -> str:
+    lines = [f"`python -m benchmarks.bench_distributed --cost-model` — D = {COST_DIM}, bf16 features, per rank "
+             f"and training step. Times are lower bounds: FLOPs at {GEMM_TFLOPS} TFLOP/s (dense bf16 GEMM "
+             f"measured on an H200), bytes at the published link rates {NVLINK_GBPS} GB/s (NVLink 4, W = 8 "
+             f"in one node) and {INFINIBAND_GBPS} GB/s (one 400 Gb/s InfiniBand port per GPU, W > 8), not "
+             f"NCCL measurements. Trainer: {model['name']}, {model['params'] / 1e6:.1f} M parameters, "
+             f"{model['forward_flops'] / 1e9:.0f} GFLOP forward per pair; activation memory of one "
+             f"gradient-caching chunk not included.", "",
+             "| path | W | N | n per rank | TFLOP | compute (ms) | GB sent | comm (ms) | extra memory (GB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for world in COST_WORLDS:
+        rate = NVLINK_GBPS if world <= 8 else INFINIBAND_GBPS
+        for n_global in COST_BATCHES:
+            for path, c in cost_model(world, n_global, model=model).items():
+                lines.append(f"| {path} | {world} | {n_global:,} | {n_global // world:,} | {c['flops'] / 1e12:,.1f} "
+                             f"| {c['flops'] / (GEMM_TFLOPS * 1e9):,.1f} | {c['sent'] / 1e9:,.2f} "
+                             f"| {c['sent'] / (rate * 1e6):,.1f} | {c['memory'] / 1e9:,.1f} |")
+    return "\n".join(lines)
+
+
+def write_cost_model() -> Path:
+    md = RESULTS / "cpu-2core" / "distributed.md"
+    text = md.read_text()
+    if MODEL_BEGIN not in text:
+        text += f"\n{MODEL_BEGIN}\n{MODEL_END}\n"
+    head, rest = text.split(MODEL_BEGIN, 1)
+    md.write_text(head + f"{MODEL_BEGIN}\n{cost_model_markdown(_trainer_model())}\n{MODEL_END}"
+                  + rest.split(MODEL_END, 1)[1])
+    return md
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16384, help="global batch size")
@@ -151,17 +263,21 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", choices=("clip", "siglip"), default=["clip", "siglip"])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--cost-model", action="store_true", help="write the per-rank cost model and exit")
     args = parser.parse_args()
+    if args.cost_model:
+        print(f"written to {write_cost_model()}")
+        return
     if any(args.n % w for w in args.worlds):
         parser.error(f"--n {args.n} must divide by every world size {args.worlds}")
     info = machine_info("cpu")
     results = []
     for loss in args.losses:
         for world in args.worlds:
-            for implementation in IMPLEMENTATIONS:
-                results.append(run_case(loss, implementation, world, args))
+            for implementation, variant in cases(loss):
+                results.append(run_case(loss, implementation, variant, world, args))
                 r = results[-1]
-                print(f"{loss:6s} W={world} {implementation:24s} {r['seconds']:8.2f} s "
+                print(f"{loss:6s} W={world} {implementation:24s} {variant:28s} {r['seconds']:8.2f} s "
                       f"{r['extra_peak_bytes_per_rank'] / 2**20:9.1f} MiB/rank  loss {r['loss_rank0']:.6f}",
                       flush=True)
     print(markdown_table(results))

@@ -13,10 +13,11 @@ rank. Rank r computes a share ℓ_r of the global loss L = Σ_r ℓ_r,
 
 from one block, its rows of S = s·A·Bᵀ against the gathered texts: S_r = s·A_r·B_allᵀ
 (n×M, never stored). One fused sweep gives the rows' r_i and, for every column j,
-the partial (log-sum-exp, positive sum) over this rank's rows; an all-to-all
-sends column j's partials to j's owner, which merges them:
+the partial (log-sum-exp, positive sum) over this rank's rows; one reduce-scatter
+(after an all-reduce of the per-column maxima) brings column j's partials to j's
+owner, merged:
 
-    c_j = logsumexp_k c_j^(k),   Σ_{i∈Q(j)} S_ij = Σ_k pos_j^(k)
+    c_j = peak_j + log Σ_k exp(c_j^(k) − peak_j),   Σ_{i∈Q(j)} S_ij = Σ_k pos_j^(k)
 
 So each entry of S is computed once on one rank: 2·n·M·D FLOPs forward and
 6·n·M·D backward per rank (8·N·M·D/W, the single-process minimum split W ways;
@@ -26,8 +27,8 @@ for the same upstream g on every rank (``loss.backward()``):
 
     ∂/∂A_r = g·Σ_k ∂ℓ_k/∂A_r = g·∂L/∂A_r
 
-because ℓ_k reaches A_r and B_r only through the gather and the all-to-all, whose
-backwards (reduce-scatter, the reverse all-to-all) bring each gradient back to
+because ℓ_k reaches A_r and B_r only through the gather and the reduce-scatter, whose
+backwards (reduce-scatter, all-gather) bring each gradient back to
 its owner, summed over ranks. So each shard receives exactly its slice of the
 single-process gradient of the concatenated batch; an all-reduce with the usual
 summing backward would have made it W·∂L/∂A_r. logit_scale and logit_bias are
@@ -43,12 +44,12 @@ different ranks are positives, not false negatives.
 
 open_clip modules (`clip_module_loss`, `siglip_module_loss`, `distill_module_loss`,
 called by `pyclipfast.ClipLoss` / `SigLipLoss` / `DistillClipLoss` when
-world_size > 1) follow open_clip 3.3.0's structure exactly (gather_with_grad,
-local_loss, SigLIP's dist_impl), so values and gradients, the scale's on each rank
-included, equal open_clip's for the same arguments: with gather_with_grad each
-rank's loss is its local mean, and gradients are W·∂L/∂A_r, which DDP's
-averaging turns into ∇L. ClipLoss's local_loss runs the rows-only loss in each
-direction (16·N·M·D/W FLOPs per rank with the recomputing backward).
+world_size > 1) return open_clip 3.3's values and feature gradients for the same
+arguments (gather_with_grad, local_loss, SigLIP's dist_impl). ClipLoss and
+DistillClipLoss run the one sweep above: open_clip's local_loss on rank r is
+½[mean_{i∈r} row term + mean_{j∈r} column term] of the global batch, so it costs
+8·N·M·D/W FLOPs instead of open_clip's 12; with gather_with_grad each shard's
+gradient is W·∂L/∂A_r (open_clip's), which DDP's averaging turns into ∇L.
 """
 from __future__ import annotations
 
@@ -71,11 +72,24 @@ __all__ = ["clip_loss", "siglip_loss", "gather_features", "all_gather_with_grad"
 
 # --------------------------------------------------------------------------- collectives with autograd
 
+# Flat-tensor collectives (no per-rank list to stage); recent torch names them *_single.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
-    """[x_0; x_1; …; x_{W−1}] (rank order) on every rank, no autograd."""
+    """[x_0; x_1; …; x_{W−1}] (rank order) on every rank, no autograd: one flat all-gather."""
     world = dist.get_world_size(group)
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather(list(out.chunk(world)), x.contiguous(), group=group)
+    _ALL_GATHER(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    """Rank r gets Σ_k (slot r of rank k's x), slots split along dim 0: one flat reduce-scatter."""
+    world = dist.get_world_size(group)
+    out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+    _REDUCE_SCATTER(out, x.contiguous(), group=group)
     return out
 
 
@@ -89,10 +103,20 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        world = dist.get_world_size(ctx.group)
-        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
-        dist.reduce_scatter(out, list(grad.contiguous().chunk(world)), group=ctx.group)
-        return out, None
+        return _reduce_scatter(grad, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Forward: reduce-scatter (sum). Backward: all-gather: every rank's slot r receives rank r's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.group), None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -124,26 +148,69 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
-class _AllToAll(torch.autograd.Function):
-    """Row k of the (W, …) input goes to rank k; row k of the output came from rank k.
+class _ReplicatedGrad(torch.autograd.Function):
+    """Identity forward; backward: factor · Σ_ranks of the gradient, the same on every rank.
 
-    A permutation of the rows across ranks, so the backward is the same exchange of the gradients.
+    For a replicated scalar (the logit scale) whose per-rank shares must become the gradient of
+    a loss every rank computes whole (open_clip without local_loss).
     """
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_to_all(x, group)
+    def forward(ctx, x, group, factor: float):
+        ctx.group, ctx.factor = group, factor
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_to_all(grad, ctx.group), None
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total * ctx.factor, None, None
 
 
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
-    return out
+class _GradTimes(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _column_merge(lse_parts: torch.Tensor, sum_parts: Optional[torch.Tensor], group,
+                  weighted_parts: Optional[torch.Tensor] = None, weight: int = 0):
+    """Merge per-rank column partials at each column's owner.
+
+    lse_parts (K, W·m): this rank's log-sum-exps over its rows, for every column; sum_parts (J, W·m):
+    sums over its rows; weighted_parts (L, W·m): means over its rows weighted by the softmax
+    exp(S_ij − lse_parts[weight]_j) (the teacher's col_cross). Returns, for this rank's m columns,
+    the (K, m) log-sum-exps over all rows, the (J, m) sums and the (L, m) weighted means:
+
+        lse_j  = peak_j + log Σ_k exp(lse_j^(k) − peak_j)         (peak_j = max_k lse_j^(k), an all-reduce)
+        mean_j = Σ_k exp(w_j^(k) − peak_j)·mean_j^(k) / Σ_k exp(w_j^(k) − peak_j)   (w = lse_parts[weight], constant)
+
+    The Σ_k are one reduce-scatter, whose backward (an all-gather) sends every rank the gradient
+    of its partials; the peaks carry none (the log-sum-exp does not depend on them).
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    peak = lse_parts.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    exps = torch.exp(lse_parts - peak)
+    if sum_parts is None:
+        sum_parts = lse_parts[:0]
+    payload = [exps, sum_parts]
+    if weighted_parts is not None:
+        payload.append(weighted_parts * exps[weight].detach())
+    payload = torch.cat(payload)                                                   # (K + J + L, W·m)
+    rows, columns = payload.shape[0], payload.shape[1] // world
+    merged = _ReduceScatter.apply(payload.view(rows, world, columns).transpose(0, 1).reshape(-1, columns), group)
+    k, j = lse_parts.shape[0], sum_parts.shape[0]
+    lse = torch.log(merged[:k]) + peak[:, rank * columns:(rank + 1) * columns]
+    weighted = None if weighted_parts is None else merged[k + j:] / merged[weight].detach()
+    return lse, merged[k:k + j], weighted
 
 
 def _exchange(tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int], group):
@@ -201,31 +268,35 @@ def gather_features(image_features: torch.Tensor, text_features: torch.Tensor, *
 
 # --------------------------------------------------------------------------- rank-consistent checks
 
-def _check_shards(image_features: torch.Tensor, text_features: torch.Tensor, group) -> None:
-    """Equal shard sizes and finite features on every rank (a data check: one small all-gather).
+def _check_shards(image_features: torch.Tensor, text_features: torch.Tensor, group, **more: torch.Tensor) -> None:
+    """Equal shard sizes on every rank, always; finite features too when data checks are on.
 
-    Every rank sees the same gathered facts and raises the same error, so no rank is left
-    waiting in a collective that the others never reach.
+    One all-gather of a few integers per call, on every rank, before any collective that moves
+    features: every rank sees the same gathered facts and raises the same error, so no rank is left
+    waiting in a collective (NCCL does not check sizes: a mismatch hangs or corrupts rows). The
+    result cannot be cached per shape: a rank whose shape changed would run the check while a rank
+    that skipped it runs the next collective. With the data checks off this costs one tiny
+    collective and, on a GPU, one host sync per call.
     """
-    if not data_checks_on(image_features):
-        return
-    facts = torch.stack([
-        torch.tensor(image_features.shape[0], device=image_features.device),
-        torch.tensor(text_features.shape[0], device=image_features.device),
-        torch.isfinite(image_features).all().long(),
-        torch.isfinite(text_features).all().long(),
-    ])
-    per_rank = _gather(facts[None], group).tolist()
-    for k, name in enumerate(("image_features", "text_features")):
+    tensors = {"image_features": image_features, "text_features": text_features, **more}
+    finite = data_checks_on(image_features)
+    facts = [torch.tensor(x.shape[0], device=image_features.device) for x in tensors.values()]
+    if finite:
+        facts += [torch.isfinite(x).all().long().to(image_features.device) for x in tensors.values()]
+    per_rank = _gather(torch.stack(facts)[None], group).tolist()
+    for k, name in enumerate(tensors):
         rows = [f[k] for f in per_rank]
         if len(set(rows)) > 1:
+            sizes = ", ".join(f"rank {r}: {size}" for r, size in enumerate(rows))
             raise ValueError(
                 f"{name} must have the same number of rows on every rank (an evenly split global batch); "
-                f"got {rows} on ranks 0..{len(rows) - 1}"
+                f"got {sizes}"
             )
-        bad = [r for r, f in enumerate(per_rank) if not f[k + 2]]
-        if bad:
-            raise ValueError(f"{name} contains non-finite values (nan or inf) on rank(s) {bad}")
+    if finite:
+        for k, name in enumerate(tensors):
+            bad = [r for r, f in enumerate(per_rank) if not f[len(tensors) + k]]
+            if bad:
+                raise ValueError(f"{name} contains non-finite values (nan or inf) on rank(s) {bad}")
 
 
 def _check_scales(logit_scale: ScaleLike, logit_bias: Optional[ScaleLike], like: torch.Tensor) -> None:
@@ -289,45 +360,69 @@ def clip_loss(
     scale = as_scale("logit_scale", logit_scale, image_features)
     bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features, positive=False)
     _check_shards(image_features, text_features, group)
+    rows, cols = _clip_terms(image_features, text_features, scale, image_ids, text_ids, name, group)
+    share = rows.sum() / (2 * world * rows.shape[0]) + cols.sum() / (2 * world * cols.shape[0])
+    return _SumOverRanks.apply(_zero_bias_grad(share, bias), group)
 
-    rank, n, m = dist.get_rank(group), image_features.shape[0], text_features.shape[0]
-    all_text = all_gather_with_grad(text_features, group)
-    row_ids, col_ids, row_count, col_count = _clip_ids(image_ids, text_ids, rank, n, m, world, group,
-                                                       image_features.device)
-    row_lse, col_lse_part, row_pos, col_pos_part = _block_stats(image_features, all_text, scale, row_ids, col_ids,
-                                                                name)
-    # part[k, j] = rank k's statistics of this rank's column j (over rank k's rows), merged here
-    part = _AllToAll.apply(torch.stack([col_lse_part, col_pos_part], 1).view(world, m, 2), group)
-    col_lse, col_pos = torch.logsumexp(part[..., 0], 0), part[..., 1].sum(0)
-    rows = row_lse - (row_pos if row_count is None else row_pos / row_count)
-    cols = col_lse - (col_pos if col_count is None else col_pos / col_count)
-    share = rows.sum() / (2 * world * n) + cols.sum() / (2 * world * m)
+
+def _zero_bias_grad(loss: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """db = 0 exactly, as in pyclipfast.clip_loss (a scalar bias cancels in the softmax)."""
     if bias is not None and bias.requires_grad:
-        share = share + 0 * bias.to(share.dtype)  # db = 0 exactly, as in pyclipfast.clip_loss
-    return _SumOverRanks.apply(share, group)
+        return loss + 0 * bias.to(loss.dtype)
+    return loss
 
 
-def _clip_ids(image_ids, text_ids, rank: int, n: int, m: int, world: int, group, device):
-    """(this rank's row ids, all column ids, row positive counts, this rank's column positive counts).
+def _clip_terms(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, image_ids,
+                text_ids, backend: str, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's per-row terms r_i − mean_{P(i)} S_ij of this rank's n image rows and
+    per-column terms c_j − mean_{Q(j)} S_ij of its m text columns.
 
-    Default ids are the global diagonal (counts None: one positive each). Given ids are gathered
-    and every row and column of the global batch must have a positive (checked on every rank alike).
+    One fused sweep of S_r = s·A_r·B_allᵀ gives the rows' statistics and every column's partials
+    over this rank's rows; `_column_merge` brings column j's partials to j's owner.
     """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n, m = image_features.shape[0], text_features.shape[0]
+    all_text = all_gather_with_grad(text_features, group)
     if image_ids is None:
-        return torch.arange(rank * n, (rank + 1) * n, device=device), torch.arange(world * m, device=device), None, None
+        row_lse, col_lse_part, _, _ = _block_stats(image_features, all_text, scale, None, None, backend)
+        (col_lse,), _, _ = _column_merge(col_lse_part[None], None, group)
+        positive = _diagonal_logits(image_features, text_features, scale)
+        return row_lse - positive, col_lse - positive
+    row_count, col_count, all_text_ids = _clip_counts(image_ids, text_ids, rank, n, m, group)
+    row_lse, col_lse_part, row_pos, col_pos_part = _block_stats(image_features, all_text, scale, image_ids,
+                                                                all_text_ids, backend)
+    (col_lse,), (col_pos,), _ = _column_merge(col_lse_part[None], col_pos_part[None], group)
+    return row_lse - row_pos / row_count, col_lse - col_pos / col_count
+
+
+def _diagonal_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """S_ii = s·⟨A_i, B_i⟩ in the statistics' precision: with the default ids (the global diagonal)
+    rank r's positives pair its own images with its own texts, so they never enter the sweep (which
+    then runs without ids: no positive mask per tile)."""
+    cd = reference.compute_dtype(image_features)
+    return scale.to(cd) * (image_features.to(cd) * text_features.to(cd)).sum(1)
+
+
+def _clip_counts(image_ids: torch.Tensor, text_ids: torch.Tensor, rank: int, n: int, m: int, group):
+    """(this rank's row positive counts, its column positive counts, all text ids) for given ids,
+    gathered: every row and column of the global batch must have a positive (checked on every
+    rank alike)."""
     all_image_ids, all_text_ids = _gather(image_ids, group), _gather(text_ids, group)
     row_count, col_count = positive_counts(all_image_ids, all_text_ids), positive_counts(all_text_ids, all_image_ids)
     check_has_positive(row_count, "image row")
     check_has_positive(col_count, "text column")
-    return image_ids, all_text_ids, row_count[rank * n:(rank + 1) * n], col_count[rank * m:(rank + 1) * m]
+    return row_count[rank * n:(rank + 1) * n], col_count[rank * m:(rank + 1) * m], all_text_ids
 
 
-def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: torch.Tensor,
-                 col_ids: torch.Tensor, backend: str):
-    """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1)."""
+def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: Optional[torch.Tensor],
+                 col_ids: Optional[torch.Tensor], backend: str):
+    """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1).
+    Without ids the positive sums are not used (the caller forms them)."""
     if backend != "reference":
         return _clip._ClipStats.apply(a, b, scale, row_ids, col_ids, True, backend)
     logits = reference.logits(a, b, scale)
+    if row_ids is None:
+        return logits.logsumexp(1), logits.logsumexp(0), None, None
     positives = reference.positive_mask(*logits.shape, row_ids, col_ids, logits.device).to(logits.dtype)
     return logits.logsumexp(1), logits.logsumexp(0), (logits * positives).sum(1), (logits * positives).sum(0)
 
@@ -375,7 +470,7 @@ def siglip_loss(
 # --------------------------------------------------------------------------- open_clip module paths
 
 def _check_module(module) -> None:
-    """The module's rank/world_size must be this process group's (open_clip would silently mislabel)."""
+    """The module's rank/world_size must be its process group's (open_clip would silently mislabel)."""
     if getattr(module, "use_horovod", False):
         raise NotImplementedError(
             "use_horovod=True is not supported: pyclipfast runs on torch.distributed (launch with torchrun "
@@ -386,91 +481,160 @@ def _check_module(module) -> None:
             f"world_size={module.world_size} needs an initialised torch.distributed process group "
             "(torch.distributed.init_process_group, e.g. under torchrun)"
         )
-    if dist.get_world_size() != module.world_size:
-        raise ValueError(f"world_size={module.world_size} but the process group has {dist.get_world_size()} ranks")
-    if dist.get_rank() != module.rank:
-        raise ValueError(f"rank={module.rank} but this process is rank {dist.get_rank()} of the process group")
+    size, rank = _group_size(module.group), dist.get_rank(module.group)
+    if size != module.world_size:
+        raise ValueError(f"world_size={module.world_size} but the process group has {size} ranks")
+    if rank != module.rank:
+        raise ValueError(f"rank={module.rank} but this process is rank {rank} of the process group")
 
 
-def clip_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
-                     logit_bias=None) -> torch.Tensor:
-    """`pyclipfast.ClipLoss` with world_size > 1: open_clip's ClipLoss, fused.
-
-    local_loss: this rank's n rows against the N gathered columns, in both directions, labels
-    offset by rank: ½[CE(s·A_r·B_allᵀ) + CE(s·B_r·A_allᵀ)]. Otherwise the full bidirectional loss
-    of the gathered batch (every rank computes all of it, as open_clip does).
-    """
+def _module_inputs(module, image_features, text_features, image_ids, text_ids, **teacher):
+    """Checks shared by the module paths, before any collective; returns the checked ids."""
     _check_module(module)
     check_features("image_features", image_features)
     check_features("text_features", text_features, like=image_features, like_name="image_features")
-    _check_shards(image_features, text_features, None)
-    all_image, all_text = gather_features(
-        image_features, text_features, local_loss=module.local_loss, gather_with_grad=module.gather_with_grad,
-        rank=module.rank, world_size=module.world_size)
-    if not module.local_loss:
-        return _clip.clip_loss(all_image, all_text, logit_scale, logit_bias, backend=module.backend)
-    labels = module.get_ground_truth(image_features.device, image_features.shape[0])
-    columns = torch.arange(all_text.shape[0], device=image_features.device)
+    for name, x in teacher.items():
+        check_features(name, x)
+    image_ids, text_ids = check_ids(image_ids, text_ids, image_features, text_features)
+    _check_shards(image_features, text_features, module.group, **teacher)
+    return image_ids, text_ids
 
-    def rows(queries, keys):
-        return _clip.clip_loss(queries, keys, logit_scale, logit_bias, image_ids=labels, text_ids=columns,
+
+def _replicated_scale(module, scale: torch.Tensor) -> torch.Tensor:
+    """Without local_loss open_clip's every rank computes the whole loss, so every rank's scale gets
+    the whole ∂L/∂s: the per-rank shares are summed (and the gather_with_grad factor W undone)."""
+    if module.local_loss or not scale.requires_grad:
+        return scale
+    return _ReplicatedGrad.apply(scale, module.group, 1.0 / module.world_size if module.gather_with_grad else 1.0)
+
+
+def _module_total(module, shares: torch.Tensor) -> torch.Tensor:
+    """open_clip's loss without local_loss: the global loss on every rank. Its gradients reach the
+    features once (∂L/∂A_r), or from every rank's copy of the loss with gather_with_grad (W·∂L/∂A_r)."""
+    if module.gather_with_grad:
+        shares = _GradTimes.apply(shares, float(module.world_size))
+    return _SumOverRanks.apply(shares, module.group)
+
+
+def clip_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                     logit_bias=None, image_ids=None, text_ids=None) -> torch.Tensor:
+    """`pyclipfast.ClipLoss` with world_size > 1: open_clip's ClipLoss through one fused sweep per rank.
+
+    open_clip with local_loss (rank r's rows against all columns, in both directions) is
+    ½[mean_{i∈r}(r_i − S_ii) + mean_{j∈r}(c_j − S_jj)], the global row and column terms of this
+    rank's rows and columns; without it, the global loss L on every rank. Both come from the one
+    sweep of `clip_loss` (8·N·M·D/W FLOPs per rank; open_clip's local_loss does 12), with
+    open_clip's values and feature gradients (W·∂L/∂A_r with gather_with_grad). Every rank's
+    scale gradient without local_loss is ∂L/∂s, as open_clip's; with local_loss the per-rank
+    scale gradients are shares that sum to open_clip's sum over ranks (W·∂L/∂s), which is what
+    DDP's gradient averaging sees.
+
+    local_loss without gather_with_grad cuts the gradient of the gathered copies, which one
+    sweep cannot split off: it runs the rows-only loss in each direction, as open_clip does.
+    """
+    image_ids, text_ids = _module_inputs(module, image_features, text_features, image_ids, text_ids)
+    if module.local_loss and not module.gather_with_grad:
+        return _clip_local_rows(module, image_features, text_features, logit_scale, logit_bias, image_ids, text_ids)
+    name = resolve("clip", module.backend, image_features)
+    scale = _replicated_scale(module, as_scale("logit_scale", logit_scale, image_features))
+    bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features, positive=False)
+    rows, cols = _clip_terms(image_features, text_features, scale, image_ids, text_ids, name, module.group)
+    if module.local_loss:
+        loss = 0.5 * (rows.mean() + cols.mean())
+    else:
+        world = module.world_size
+        loss = _module_total(module, rows.sum() / (2 * world * rows.shape[0])
+                             + cols.sum() / (2 * world * cols.shape[0]))
+    return _zero_bias_grad(loss, bias)
+
+
+def _own_and_all_ids(module, image_ids, text_ids, n: int, device):
+    """(this rank's image ids, all text ids, this rank's text ids, all image ids): open_clip's
+    labels (arange offset by rank) by default, else the given ids and their gathered copies."""
+    if image_ids is None:
+        labels = module.get_ground_truth(device, n)
+        columns = torch.arange(module.world_size * n, device=device)
+        return labels, columns, labels, columns
+    return image_ids, _gather(text_ids, module.group), text_ids, _gather(image_ids, module.group)
+
+
+def _clip_local_rows(module, image_features, text_features, logit_scale, logit_bias, image_ids, text_ids):
+    """½[CE(s·A_r·B_allᵀ) + CE(s·B_r·A_allᵀ)], the gathered copies without gradient (open_clip's
+    local_loss without gather_with_grad)."""
+    all_image, all_text = gather_features(image_features, text_features, local_loss=True, rank=module.rank,
+                                          world_size=module.world_size, group=module.group)
+    image_rows, text_columns, text_rows, image_columns = _own_and_all_ids(
+        module, image_ids, text_ids, image_features.shape[0], image_features.device)
+
+    def rows(queries, keys, query_ids, key_ids):
+        return _clip.clip_loss(queries, keys, logit_scale, logit_bias, image_ids=query_ids, text_ids=key_ids,
                                bidirectional=False, backend=module.backend)
 
-    return 0.5 * (rows(image_features, all_text) + rows(text_features, all_image))
+    return 0.5 * (rows(image_features, all_text, image_rows, text_columns)
+                  + rows(text_features, all_image, text_rows, image_columns))
 
 
-def _texts_bidir(text: torch.Tensor, rank: int, world: int) -> Iterator[Tuple[int, torch.Tensor]]:
+def _texts_bidir(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
     """Pass texts both ways round the ring: ⌊(W−1)/2⌋ two-way steps, then one one-way step if W is even."""
-    right, left = (rank + 1) % world, (rank - 1) % world
+    right, left = _peer(rank + 1, world, group), _peer(rank - 1, world, group)
     to_left = to_right = text
     steps, remainder = divmod(world - 1, 2)
     for step in range(1, steps + 1):
-        from_right, from_left = _NeighbourExchange.apply((left, right), (right, left), None, to_left, to_right)
+        from_right, from_left = _NeighbourExchange.apply((left, right), (right, left), group, to_left, to_right)
         yield (rank + step) % world, from_right
         yield (rank - step) % world, from_left
         to_left, to_right = from_right, from_left
     if remainder:
-        (from_left,) = _NeighbourExchange.apply((right,), (left,), None, to_right)
+        (from_left,) = _NeighbourExchange.apply((right,), (left,), group, to_right)
         yield (rank - steps - 1) % world, from_left
 
 
-def _texts_shift(text: torch.Tensor, rank: int, world: int) -> Iterator[Tuple[int, torch.Tensor]]:
+def _texts_shift(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
     """Pass texts one way round the ring, W−1 steps."""
-    right, left = (rank + 1) % world, (rank - 1) % world
+    right, left = _peer(rank + 1, world, group), _peer(rank - 1, world, group)
     for step in range(1, world):
-        (text,) = _NeighbourExchange.apply((right,), (left,), None, text)
+        (text,) = _NeighbourExchange.apply((right,), (left,), group, text)
         yield (rank - step) % world, text
 
 
-def _texts_reduce(text: torch.Tensor, rank: int, world: int) -> Iterator[Tuple[int, torch.Tensor]]:
+def _texts_reduce(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
     """Rank i's texts via an all-reduce of (texts on rank i, zeros elsewhere), for every i, own included."""
     for i in range(world):
-        yield i, _AllReduce.apply(text * (rank == i), None)
+        yield i, _AllReduce.apply(text * (rank == i), group)
 
 
-def _texts_gather(text: torch.Tensor, rank: int, world: int) -> Iterator[Tuple[int, torch.Tensor]]:
+def _texts_gather(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
     """All texts in one all-gather."""
-    for i, block in enumerate(all_gather_with_grad(text).chunk(world)):
+    for i, block in enumerate(all_gather_with_grad(text, group).chunk(world)):
         if i != rank:
             yield i, block
+
+
+def _peer(group_rank: int, world: int, group) -> int:
+    """The global rank of `group_rank` (mod W) in `group` (point-to-point ops take global ranks)."""
+    group_rank %= world
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
 
 _OTHER_TEXTS = {"bidir": _texts_bidir, "shift": _texts_shift, "reduce": _texts_reduce, "gather": _texts_gather}
 
 
 def siglip_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
-                       logit_bias) -> torch.Tensor:
+                       logit_bias, image_ids=None, text_ids=None) -> torch.Tensor:
     """`pyclipfast.SigLipLoss` with world_size > 1: open_clip's SigLipLoss, fused.
 
     The loss of this rank's images against its own texts, plus a negative-only loss against every
-    other rank's texts, each normalised by the local n; the texts travel as `dist_impl` says.
+    other rank's texts, each normalised by the local n; the texts travel as `dist_impl` says. With
+    ids, other ranks' texts can hold positives: the texts and their ids are all-gathered and this
+    rank's rows are scored against all of them in one call (the same normalisation).
     """
-    _check_module(module)
-    check_features("image_features", image_features)
-    check_features("text_features", text_features, like=image_features, like_name="image_features")
-    _check_shards(image_features, text_features, None)
+    image_ids, text_ids = _module_inputs(module, image_features, text_features, image_ids, text_ids)
+    if image_ids is not None:
+        all_text = all_gather_with_grad(text_features, module.group)
+        return module._loss(image_features, all_text, logit_scale, logit_bias, image_ids=image_ids,
+                            text_ids=_gather(text_ids, module.group))
     loss = module._loss(image_features, text_features, logit_scale, logit_bias)
-    for source, texts in _OTHER_TEXTS[module.dist_impl](text_features, module.rank, module.world_size):
+    for source, texts in _OTHER_TEXTS[module.dist_impl](text_features, module.rank, module.world_size, module.group):
         if source == module.rank:
             # 'reduce' hands back our own texts: every rank must run every all-reduce's backward,
             # so it stays in the graph with weight 0 (open_clip multiplies a whole loss by 0).
@@ -482,55 +646,99 @@ def siglip_module_loss(module, image_features: torch.Tensor, text_features: torc
 
 def distill_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                         dist_image_features: torch.Tensor, dist_text_features: torch.Tensor,
-                        dist_logit_scale) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`pyclipfast.DistillClipLoss` with world_size > 1: open_clip's DistillClipLoss, fused.
+                        dist_logit_scale, image_ids=None, text_ids=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`pyclipfast.DistillClipLoss` with world_size > 1: open_clip's DistillClipLoss, one fused sweep per rank.
 
-    Student and teacher features are gathered alike (open_clip calls get_logits on both). Without
-    local_loss: `distill_loss` of the gathered batch. With it, per direction, this rank's rows
-    against all gathered columns (labels offset by rank):
+    Student and teacher texts are gathered (open_clip calls get_logits on both). The sweep of this
+    rank's rows against all columns gives the rows' statistics and the columns' partials (the
+    teacher's col_cross merged with the teacher's softmax weights), so, as in `clip_module_loss`:
 
-        contrastive = ½[CE(s·A_r·B_allᵀ) + CE(s·B_r·A_allᵀ)]
-        distill     = ½[mean_i CE(softmax(t·Tᵃ_r·Tᵇ_allᵀ)_i, softmax(s·A_r·B_allᵀ)_i) + (texts alike)]
+        contrastive = ½[mean_{i∈r}(r_i − S_ii) + mean_{j∈r}(c_j − S_jj)]
+        distill     = ½[mean_{i∈r} CE(softmax(t·Tᵃ_i·Tᵇ_allᵀ), softmax(s·A_i·B_allᵀ)) + (columns alike)]
+
+    with local_loss, and the global losses on every rank without it. local_loss without
+    gather_with_grad runs the rows-only statistics in each direction, as open_clip does.
     """
-    _check_module(module)
-    for name, x in (("image_features", image_features), ("text_features", text_features),
-                    ("dist_image_features", dist_image_features), ("dist_text_features", dist_text_features)):
-        check_features(name, x)
-    _check_shards(image_features, text_features, None)
-    options = dict(local_loss=module.local_loss, gather_with_grad=module.gather_with_grad, rank=module.rank,
-                   world_size=module.world_size)
+    image_ids, text_ids = _module_inputs(module, image_features, text_features, image_ids, text_ids,
+                                         dist_image_features=dist_image_features,
+                                         dist_text_features=dist_text_features)
+    name = resolve("distill", module.backend, image_features)
+    teacher_scale = as_scale("dist_logit_scale", dist_logit_scale, image_features).detach()
+    teacher_image, teacher_text = (x.detach().to(image_features.dtype) for x in (dist_image_features,
+                                                                                    dist_text_features))
+    if module.local_loss and not module.gather_with_grad:
+        return _distill_local_rows(module, image_features, text_features, logit_scale, teacher_image, teacher_text,
+                                   teacher_scale, image_ids, text_ids, name)
+    scale = _replicated_scale(module, as_scale("logit_scale", logit_scale, image_features))
+    group, world, rank = module.group, module.world_size, module.rank
+    n, m = image_features.shape[0], text_features.shape[0]
+    all_text = all_gather_with_grad(text_features, group)
+    all_ids = None if image_ids is None else _clip_counts(image_ids, text_ids, rank, n, m, group)
+    stats = _distill_block_stats(image_features, all_text, scale, teacher_image, _gather(teacher_text, group),
+                                 teacher_scale, image_ids, None if all_ids is None else all_ids[2], name)
+    lse, pos, cross = _column_merge(
+        torch.stack([stats["col_lse"], stats["student_col_lse"], stats["teacher_col_lse"]]),
+        None if all_ids is None else stats["col_pos"][None], group,
+        weighted_parts=stats["col_cross"][None], weight=2)
+    if all_ids is None:  # the global diagonal: rank r's positives are its own pairs
+        positive = _diagonal_logits(image_features, text_features, scale)
+        rows_ce, cols_ce = stats["row_lse"] - positive, lse[0] - positive
+    else:
+        rows_ce = stats["row_lse"] - stats["row_pos"] / all_ids[0]
+        cols_ce = lse[0] - pos[0] / all_ids[1]
+    rows_kd, cols_kd = stats["student_row_lse"] - stats["row_cross"], lse[1] - cross[0]
+    if module.local_loss:
+        return 0.5 * (rows_ce.mean() + cols_ce.mean()), 0.5 * (rows_kd.mean() + cols_kd.mean())
+    shares = torch.stack([rows_ce.sum() / (2 * world * n) + cols_ce.sum() / (2 * world * m),
+                          rows_kd.sum() / (2 * world * n) + cols_kd.sum() / (2 * world * m)])
+    total = _module_total(module, shares)
+    return total[0], total[1]
+
+
+def _distill_block_stats(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, backend: str) -> dict:
+    """The statistics of `distill_loss` (margin 0, no filter, kd="ce") of the block s·A_r·B_allᵀ,
+    its teacher t·Tᵃ_r·Tᵇ_allᵀ and the given positives: one fused sweep, or materialised for
+    backend="reference"."""
+    if backend != "reference":
+        return dict(zip(GRADIENT_STATS + TEACHER_STATS, _DistillStats.apply(
+            a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, DistillOptions(margin=0.0, threshold=None, kd="ce"),
+            backend)))
+    student, teacher = reference.logits(a, b, scale), reference.logits(ta, tb, teacher_scale)
+    positives = reference.positive_mask(*student.shape, row_ids, col_ids, student.device).to(student.dtype)
+    lse = dict(row_lse=student.logsumexp(1), col_lse=student.logsumexp(0),
+               teacher_row_lse=teacher.logsumexp(1), teacher_col_lse=teacher.logsumexp(0))
+    return dict(lse, student_row_lse=lse["row_lse"], student_col_lse=lse["col_lse"],
+                row_pos=(student * positives).sum(1), col_pos=(student * positives).sum(0),
+                row_cross=(teacher.softmax(1) * student).sum(1), col_cross=(teacher.softmax(0) * student).sum(0))
+
+
+def _distill_local_rows(module, image_features, text_features, logit_scale, teacher_image, teacher_text,
+                        teacher_scale, image_ids, text_ids, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's local_loss without gather_with_grad: the rows-only statistics in each direction,
+    against gathered copies that carry no gradient."""
+    options = dict(local_loss=True, rank=module.rank, world_size=module.world_size, group=module.group)
     all_image, all_text = gather_features(image_features, text_features, **options)
-    all_teacher_image, all_teacher_text = gather_features(dist_image_features, dist_text_features, **options)
-    if not module.local_loss:
-        return module._losses(all_image, all_text, logit_scale, all_teacher_image, all_teacher_text,
-                              dist_logit_scale)
-    labels = module.get_ground_truth(image_features.device, image_features.shape[0])
-    image_ce, image_kd = _distill_rows(image_features, all_text, dist_image_features, all_teacher_text,
-                                       logit_scale, dist_logit_scale, labels, module.backend)
-    text_ce, text_kd = _distill_rows(text_features, all_image, dist_text_features, all_teacher_image,
-                                     logit_scale, dist_logit_scale, labels, module.backend)
+    all_teacher_image, all_teacher_text = gather_features(teacher_image, teacher_text, **options)
+    image_rows, text_columns, text_rows, image_columns = _own_and_all_ids(
+        module, image_ids, text_ids, image_features.shape[0], image_features.device)
+    scale = as_scale("logit_scale", logit_scale, image_features)
+    image_ce, image_kd = _distill_rows(image_features, all_text, teacher_image, all_teacher_text, scale,
+                                       teacher_scale, image_rows, text_columns, backend)
+    text_ce, text_kd = _distill_rows(text_features, all_image, teacher_text, all_teacher_image, scale,
+                                     teacher_scale, text_rows, image_columns, backend)
     return 0.5 * (image_ce + text_ce), 0.5 * (image_kd + text_kd)
 
 
 def _distill_rows(queries: torch.Tensor, keys: torch.Tensor, teacher_queries: torch.Tensor,
-                  teacher_keys: torch.Tensor, logit_scale, teacher_scale, labels: torch.Tensor,
-                  backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows only: mean_i CE(s·Q·Kᵀ, labels), mean_i −Σ_j softmax(t·T_Q·T_Kᵀ)_ij log softmax(s·Q·Kᵀ)_ij.
+                  teacher_keys: torch.Tensor, scale: torch.Tensor, teacher_scale: torch.Tensor,
+                  query_ids: torch.Tensor, key_ids: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows only: mean_i (r_i − mean_{P(i)} S_ij), mean_i −Σ_j softmax(t·T_Q·T_Kᵀ)_ij log softmax(s·Q·Kᵀ)_ij.
 
     The fused distillation statistics of (local rows × gathered columns); only the row statistics
     are used, so no column gradient is formed.
     """
-    name = resolve("distill", backend, queries)
-    scale = as_scale("logit_scale", logit_scale, queries)
-    teacher_scale = as_scale("dist_logit_scale", teacher_scale, queries).detach()
-    teacher_queries, teacher_keys = (x.detach().to(queries.dtype) for x in (teacher_queries, teacher_keys))
-    if name == "reference":
-        logits = reference.logits(queries, keys, scale)
-        teacher = reference.logits(teacher_queries, teacher_keys, teacher_scale)
-        kd = -(teacher.softmax(1) * logits.log_softmax(1)).sum(1).mean()
-        return torch.nn.functional.cross_entropy(logits, labels), kd
-    columns = torch.arange(keys.shape[0], device=queries.device)
-    stats = dict(zip(GRADIENT_STATS + TEACHER_STATS, _DistillStats.apply(
-        queries, keys, scale, teacher_queries, teacher_keys, teacher_scale, labels, columns,
-        DistillOptions(margin=0.0, threshold=None, kd="ce"), name)))
-    return (stats["row_lse"] - stats["row_pos"]).mean(), (stats["student_row_lse"] - stats["row_cross"]).mean()
+    counts = positive_counts(query_ids, key_ids)
+    check_has_positive(counts, "row")
+    stats = _distill_block_stats(queries, keys, scale, teacher_queries, teacher_keys, teacher_scale, query_ids,
+                                 key_ids, backend)
+    return (stats["row_lse"] - stats["row_pos"] / counts).mean(), (stats["student_row_lse"] - stats["row_cross"]).mean()

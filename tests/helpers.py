@@ -103,3 +103,41 @@ def assert_close_to_reference(out, ref, dtype, names: Sequence[str]) -> None:
         assert torch.isfinite(o.detach().double()).all(), f"{name}: non-finite values"
         err = rel_err(o, r)
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g} ({dtype})"
+
+
+# The small blocking: 16×16×16 Triton tiles, up to 64 forward row groups and 16 programs' worth
+# of column groups, gradient blocks of 3 tiles with at most 2 tiles along the columns (the
+# grid.y cap), 8×12 chunked tiles, 5-row cosine chunks.
+SMALL_TILE = dict(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
+SMALL_GRAD_BLOCK_ELEMENTS = 3 * 16 * 16
+
+
+def apply_small_blocks(monkeypatch):
+    """Many row groups (the column partials merged across groups), many gradient blocks (block
+    offsets into G, ids and statistics) and tiny, ragged tiles on every backend."""
+    from pyclipfast import _blocks
+    from pyclipfast.chunked import _tiles as chunked_tiles
+    from pyclipfast.chunked import cosine as chunked_cosine
+
+    monkeypatch.setattr(chunked_tiles, "TILE_ROWS", 8)
+    monkeypatch.setattr(chunked_tiles, "TILE_COLS", 12)
+    monkeypatch.setattr(chunked_cosine, "CHUNK_ROWS", 5)
+    monkeypatch.setattr(_blocks, "GRAD_BLOCK_ELEMENTS", SMALL_GRAD_BLOCK_ELEMENTS)
+    monkeypatch.setattr(_blocks, "INTERPRET_GRAD_BLOCK_ELEMENTS", SMALL_GRAD_BLOCK_ELEMENTS)
+    monkeypatch.setattr(_blocks, "MAX_GRID_Y", 2)
+    from pyclipfast._dispatch import triton_available
+
+    if not triton_available():
+        return
+    from pyclipfast.triton import _tiles as triton_tiles
+    from pyclipfast.triton import clip, cosine, distill, retrieval, siglip
+
+    small = triton_tiles.TileConfig(**SMALL_TILE)
+    for module in (clip, siglip, distill, retrieval):
+        monkeypatch.setattr(module, "tile_config", lambda x: small)
+    monkeypatch.setattr(triton_tiles, "MAX_ROW_GROUPS", 64)
+    monkeypatch.setattr(triton_tiles, "INTERPRET_MAX_ROW_GROUPS", 64)
+    monkeypatch.setattr(triton_tiles, "parallel_target", lambda x: 16)
+    monkeypatch.setattr(retrieval, "parallel_target", lambda x: 16)
+    monkeypatch.setattr(cosine, "MAX_BLOCK_D", 16)
+    monkeypatch.setattr(cosine, "BLOCK_ELEMENTS", 64)

@@ -138,6 +138,14 @@ def test_repeated_runs_are_bit_identical():
             assert torch.equal(x, y), name
 
 
+def _assert_close_on_device(out, ref, names, tol):
+    """Relative errors computed in float32 where the tensors are (billions of elements)."""
+    assert len(out) == len(ref) == len(names)
+    for name, o, r in zip(names, out, ref):
+        err = float((o.float() - r.float()).norm() / r.float().norm())
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
 def _wide_ids(m, n, device):
     text = torch.cat([torch.arange(n), torch.randint(0, n, (m - n,))])
     return torch.arange(n, device=device), text.to(device)
@@ -166,7 +174,7 @@ def test_products_past_int32_offsets(loss, layout):
         else:
             value = pcf.siglip_loss(x, b, 10.0, -10.0, image_ids=image_ids, text_ids=text_ids, backend=backend)
         store.extend([value.detach(), *torch.autograd.grad(value, x)])
-    assert_close_to_reference(out, ref, torch.float16, ["loss", "d_image"])
+    _assert_close_on_device(out, ref, ["loss", "d_image"], TOLERANCE[torch.float16])
 
 
 @pytest.mark.gpu
@@ -184,4 +192,4 @@ def test_cosine_past_int32_offsets(layout):
         value = pcf.cosine_loss(x, z, backend=backend)
         store.extend([value.detach(), *torch.autograd.grad(value, x)])
         del x, value
-    assert_close_to_reference(out, ref, torch.float16, ["loss", "d_online"])
+    _assert_close_on_device(out, ref, ["loss", "d_online"], TOLERANCE[torch.float16])

@@ -5,7 +5,7 @@ import torch
 from open_clip_train.train import get_clip_metrics
 
 import pyclipfast as pcf
-from helpers import DEVICE, backend_dtype_params, features, fresh_seed
+from helpers import DEVICE, backend_dtype_params, block_params, fast_backends, features, fresh_seed
 
 
 def _pair(nq, ng, d, dtype, seed, noise=1.0, **opts):
@@ -25,9 +25,10 @@ def _ks(ng):
     return (1, 2, 5, 10, ng + 3)
 
 
+@pytest.mark.parametrize("blocks", block_params(), indirect=True)
 @pytest.mark.parametrize("shape", [(1, 8), (37, 20), (70, 9)], ids=["N1", "N37", "N70"])
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
-def test_default_ids_match_reference(backend, dtype, shape):
+def test_default_ids_match_reference(backend, dtype, shape, blocks):
     n, d = shape
     q, g = _pair(n, n, d, dtype, fresh_seed(), layout="strided")
     out = pcf.recall_at_k(q, g, _ks(n), backend=backend)
@@ -35,9 +36,10 @@ def test_default_ids_match_reference(backend, dtype, shape):
     assert list(out) == [f"R@{k}" for k in _ks(n)]
 
 
+@pytest.mark.parametrize("blocks", block_params(), indirect=True)
 @pytest.mark.parametrize("direction", ["image-to-text", "text-to-image"])
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params())
-def test_ids_match_reference(backend, dtype, direction):
+def test_ids_match_reference(backend, dtype, direction, blocks):
     seed = fresh_seed()
     image_ids, text_ids = _caption_ids(23, 5, seed)  # 5 captions per image: 115 texts
     images = features(23, 12, dtype=torch.float64, seed=seed)
@@ -50,6 +52,27 @@ def test_ids_match_reference(backend, dtype, direction):
                           gallery_ids=gid.cpu(), backend="reference")
     assert out == ref
     assert 0 < out["R@1"] < 1
+
+
+@pytest.mark.parametrize("with_ids", [False, True], ids=["diagonal", "captions"])
+@pytest.mark.parametrize("backend", fast_backends())
+def test_small_blocks_match_reference(backend, with_ids, small_blocks):
+    """16×16 tiles, 8×12 chunks: the best-positive sweep over the diagonal tiles only (or all
+    tiles with ids) and the counts summed over many gallery groups."""
+    seed = fresh_seed()
+    if with_ids:
+        qid, gid = _caption_ids(23, 3, seed)
+        q = features(23, 12, dtype=torch.float64, seed=seed)
+        g = features(69, 12, dtype=torch.float64, seed=seed + 1) * 2.0 + q[gid.cpu()]
+        ids = dict(query_ids=qid, gallery_ids=gid)
+    else:
+        q, g = _pair(70, 70, 9, torch.float64, seed)
+        ids = {}
+    ks = _ks(len(g))
+    out = pcf.recall_at_k(q.float().to(DEVICE), g.float().to(DEVICE), ks, backend=backend, **ids)
+    ref = pcf.recall_at_k(q.float().double(), g.float().double(), ks, backend="reference",
+                          **{k: v.cpu() for k, v in ids.items()})
+    assert out == ref
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference"])

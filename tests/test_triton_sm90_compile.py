@@ -5,7 +5,8 @@ the GPU compiler rejects. Here the public ops run once each (interpreted, with
 the GPU tile configurations), every launch is recorded (kernel, argument
 dtypes, constexprs, warps, stages; fp16 launches become bf16 ones), and
 a separate process compiles each distinct launch for sm_90 with Triton's own
-code generator and ptxas. Needs no GPU; skipped only when running on a GPU
+code generator and ptxas; the small blocking of the GPU tests (16×16×16 tiles)
+is recorded too. Needs no GPU; skipped only when running on a GPU
 machine, where the real tests compile the kernels anyway.
 """
 import inspect
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import pyclipfast as pcf
-from helpers import HAS_CUDA, features
+from helpers import HAS_CUDA, apply_small_blocks, features
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled by the GPU tests themselves")
 
@@ -97,6 +98,23 @@ def _exercise_every_op() -> None:
         pcf.recall_at_k(a, b, query_ids=ids, gallery_ids=ids, backend="triton")
 
 
+def _exercise_small_blocks() -> None:
+    """The launches the GPU tests make with the small blocking (helpers.apply_small_blocks)."""
+    a, b = features(40, 24, dtype=torch.float16), features(40, 24, dtype=torch.float16)
+    ta, tb = features(40, 16, dtype=torch.float16), features(40, 16, dtype=torch.float16)
+    ids = torch.arange(40) // 2
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    pcf.clip_loss(x, y, 10.0, image_ids=ids, text_ids=ids, backend="triton").backward()
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    pcf.siglip_loss(x, y, 10.0, -5.0, backend="triton").backward()
+    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+    sum(pcf.distill_loss(x, y, ta, tb, 10.0, 20.0, margin=0.2, false_negative_threshold=0.5,
+                         backend="triton")).backward()
+    p, z = features(8, 40, dtype=torch.float16).requires_grad_(), features(8, 40, dtype=torch.float16)
+    pcf.cosine_loss(p, z, backend="triton").backward()
+    pcf.recall_at_k(a, b, query_ids=ids, gallery_ids=ids, backend="triton")
+
+
 def test_every_launched_kernel_compiles_for_sm90(tmp_path, monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -106,6 +124,9 @@ def test_every_launched_kernel_compiles_for_sm90(tmp_path, monkeypatch):
     monkeypatch.setattr(InterpretedFunction, "run", recorder(InterpretedFunction.run))
     monkeypatch.setattr(tiles, "triton_interpreting", lambda: False)  # record the GPU tile configurations
     _exercise_every_op()
+    with pytest.MonkeyPatch.context() as small:
+        apply_small_blocks(small)
+        _exercise_small_blocks()
     assert len(recorder.records) >= 10, f"too few launches recorded: {list(recorder.records)}"
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(list(recorder.records.values())))
