@@ -3,7 +3,7 @@
     "reference"  materialised PyTorch (the N×M matrix exists): ground truth for tests
     "torch"      chunked PyTorch, never more than a tile of the N×M matrix: the CPU default
     "triton"     fused Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)
-    "cuda"       the compiled CUDA C++ extension pyclipfast._C (CUDA tensors)
+    "cuda"       the CUDA C++ kernel library pyclipfast/cuda/libpyclipfast_cuda.so (CUDA tensors)
     "auto"       triton (or cuda) on CUDA tensors when available, torch otherwise
 
 Each fast backend lives in its own folder with one file per loss
@@ -16,6 +16,7 @@ import importlib
 import os
 from functools import lru_cache
 from types import ModuleType
+from typing import Optional
 
 import torch
 
@@ -37,12 +38,17 @@ def triton_available() -> bool:
 
 
 @lru_cache(maxsize=None)
-def cuda_extension_available() -> bool:
+def cuda_library_error() -> Optional[str]:
+    """Why the CUDA kernel library cannot be used here, or None when it loads."""
     try:
-        from pyclipfast import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        importlib.import_module("pyclipfast.cuda")
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+def cuda_extension_available() -> bool:
+    return cuda_library_error() is None
 
 
 def _auto(loss: str, device_type: str, dtype: torch.dtype) -> str:
@@ -107,14 +113,12 @@ def _concrete(loss: str, backend: str, device_type: str, dtype: torch.dtype) -> 
                 "before importing triton to run the kernels on the CPU interpreter"
             )
     if backend == "cuda":
-        if not cuda_extension_available():
-            raise ValueError(
-                "backend='cuda' needs the compiled extension pyclipfast._C, which is not built; "
-                "rebuild with: CUDA_HOME=/usr/local/cuda PYCLIPFAST_BUILD_CUDA=1 "
-                "pip install --no-build-isolation -e ."
-            )
         if device_type != "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"backend='cuda' needs a CUDA GPU and none is present (the tensors are on {device_type})")
             raise ValueError(f"backend='cuda' needs CUDA tensors, got {device_type}")
+        if not cuda_extension_available():
+            raise ValueError(f"backend='cuda' cannot run: {cuda_library_error()}")
     if not _has_impl(loss, backend):
         raise ValueError(f"backend={backend!r} has no implementation of {loss}")
     return backend

@@ -19,22 +19,27 @@ Layout:
     metrics     metrics.jsonl and plots;  memory: loss peak memory;  report: the final table
     runtime     device, torch.distributed, seeding, gradient sum over ranks
 """
-from .config import PRESETS, TrainConfig, UsageError, parse_args, preset_config
-from .gradcache import backward_in_chunks, embed_in_chunks, grad_cache_step
-from .hooks import Hooks, LossContext
-from .loop import TrainResult, train
+from __future__ import annotations
 
-__all__ = [
-    "Hooks",
-    "LossContext",
-    "PRESETS",
-    "TrainConfig",
-    "TrainResult",
-    "UsageError",
-    "backward_in_chunks",
-    "embed_in_chunks",
-    "grad_cache_step",
-    "parse_args",
-    "preset_config",
-    "train",
-]
+import importlib
+from typing import Any
+
+TRAIN_EXTRA_HINT = "the trainer needs its extra dependencies: pip install 'pyclipfast[train]'"
+_EXPORTS = {
+    "PRESETS": "config", "TrainConfig": "config", "UsageError": "config", "parse_args": "config",
+    "preset_config": "config", "backward_in_chunks": "gradcache", "embed_in_chunks": "gradcache",
+    "grad_cache_step": "gradcache", "Hooks": "hooks", "LossContext": "hooks", "TrainResult": "loop", "train": "loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported on first use (a base install can import the package and be told what is missing)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    except ImportError as error:
+        raise ImportError(f"{TRAIN_EXTRA_HINT} ({error})") from error
+    return getattr(module, name)

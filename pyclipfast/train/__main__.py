@@ -11,10 +11,15 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from .config import UsageError, build_parser, parse_args
+from . import TRAIN_EXTRA_HINT
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:  # the trainer's dependencies (open_clip, Pillow, pandas, webdataset) are an extra
+        from .config import UsageError, build_parser, parse_args
+    except ImportError as error:
+        print(f"pyclipfast-train: {TRAIN_EXTRA_HINT} ({error})", file=sys.stderr)
+        return 2
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["experiments"]:
         from .experiments import main as experiments
@@ -26,13 +31,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         result = train(cfg)
-    except UsageError as error:  # a setting or a data path the run cannot use: name it, no traceback
-        build_parser().error(str(error))
+    except UsageError as error:  # a setting or a data path the run cannot use: name it, no traceback, no usage
+        print(f"{build_parser().prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint is intact (continue with --resume auto)", file=sys.stderr)
         return 130
-    print()
-    print(summary_table(result))
+    if result.is_main:
+        print()
+        print(summary_table(result))
     return 0
 
 

@@ -12,22 +12,43 @@ the epoch's stream up to batch k.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, NamedTuple, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+import torch.multiprocessing  # noqa: F401  (registers the shared-memory reductions of tensors with ForkingPickler)
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from .config import TrainConfig, UsageError, caption_choice, parse_rates
 from .data import (
     CaptionNoise, CsvCaptions, ResizeCropNormalize, SyntheticClipDataset, SyntheticScenes, WebDatasetCaptions,
-    collate_clip,
+    collate_clip, drop_unreadable,
 )
 from .runtime import Runtime
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+class _NoExtra(Mapping):
+    """The empty, read-only `extra` of a batch no transform has touched (picklable, unlike a mappingproxy)."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "{}"
+
+
+NO_EXTRA: Mapping[str, torch.Tensor] = _NoExtra()
 
 
 class TokenizedBatch(NamedTuple):
@@ -43,7 +64,7 @@ class TokenizedBatch(NamedTuple):
     image_ids: Optional[torch.Tensor]
     text_ids: Optional[torch.Tensor]
     texts: Optional[tuple[str, ...]] = None
-    extra: Mapping[str, torch.Tensor] = MappingProxyType({})
+    extra: Mapping[str, torch.Tensor] = NO_EXTRA
 
     def to(self, device: torch.device) -> "TokenizedBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -64,15 +85,40 @@ class SyntheticCollate:
 
 
 class PairCollate:
-    """(image tensor, caption) pairs of real data: one caption per image, the diagonal positives."""
+    """(image tensor, caption) pairs of real data: one caption per image, the diagonal positives.
+
+    Unreadable rows (None from CsvCaptions) are dropped, so such a batch is smaller.
+    """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, samples: Sequence[tuple[torch.Tensor, str]]) -> TokenizedBatch:
+    def __call__(self, samples: Sequence[Optional[tuple[torch.Tensor, str]]]) -> TokenizedBatch:
+        samples = drop_unreadable(samples)
+        if not samples:
+            raise UsageError("--train-data: no image of a whole batch could be read (see the warnings above)")
         images = torch.stack([image for image, _ in samples])
         texts = tuple(caption for _, caption in samples)
         return TokenizedBatch(images, self.tokenizer(list(texts)), None, None, texts)
+
+
+class WorkerCollate:
+    """A collate function that, in a DataLoader worker, checks that its batch can reach the main process.
+
+    A worker hands its batch to a queue whose feeder thread pickles it; an object that cannot be
+    pickled there is dropped with a printed traceback and the main process waits forever. Pickling
+    it here with the same pickler (tensors move to shared memory once, as they would anyway) turns
+    that into an exception in the worker, which the DataLoader re-raises in the main process.
+    """
+
+    def __init__(self, collate: Callable[[Any], TokenizedBatch]) -> None:
+        self.collate = collate
+
+    def __call__(self, samples) -> TokenizedBatch:
+        batch = self.collate(samples)
+        if get_worker_info() is not None:
+            ForkingPickler.dumps(batch)
+        return batch
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -113,11 +159,14 @@ class TrainData:
     runtime: Runtime
     seed: int
     workers: int
+    num_samples: Optional[int] = None  # --train-num-samples: the samples of one epoch
 
     @property
     def batches_per_epoch(self) -> Optional[int]:
         """Global batches in one epoch (None for a stream of unknown length)."""
-        return None if isinstance(self.dataset, IterableDataset) else len(self.dataset) // self.batch_size
+        if isinstance(self.dataset, IterableDataset):
+            return None if self.num_samples is None else self.num_samples // self.batch_size
+        return min(len(self.dataset), self.num_samples or len(self.dataset)) // self.batch_size
 
     @property
     def skipped(self) -> int:
@@ -131,7 +180,7 @@ class TrainData:
             self.dataset.set_epoch(epoch)
         # The loader's own generator seeds its workers: creating it must not draw from the global
         # RNG, or a run resumed mid-epoch would drift from the uninterrupted one.
-        common = dict(collate_fn=self.collate, num_workers=self.workers,
+        common = dict(collate_fn=WorkerCollate(self.collate), num_workers=self.workers,
                       pin_memory=self.runtime.device.type == "cuda",
                       generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         if isinstance(self.dataset, IterableDataset):
@@ -140,11 +189,12 @@ class TrainData:
             batches = iter(loader)
             for _ in range(start):  # replay the stream up to where the interrupted run stopped
                 next(batches, None)
-            yield from batches
+            yield from itertools.islice(batches, None if self.num_samples is None else self.batches_per_epoch - start)
             return
         sampler = EpochBatches(len(self.dataset), self.batch_size, seed=self.seed, epoch=epoch, start=start,
                                rank=self.runtime.rank, world_size=self.runtime.world_size)
-        yield from DataLoader(self.dataset, batch_sampler=sampler, **common)
+        yield from itertools.islice(DataLoader(self.dataset, batch_sampler=sampler, **common),
+                                    max(0, self.batches_per_epoch - start))
 
 
 def dataset_type(cfg: TrainConfig) -> str:
@@ -163,8 +213,9 @@ def _real_dataset(path: str, kind: str, cfg: TrainConfig, image_size: int, flag:
         if kind == "csv":
             return CsvCaptions(path, transform, sep=cfg.csv_separator, img_key=cfg.csv_img_key,
                                caption_key=cfg.csv_caption_key)
-        return WebDatasetCaptions(path, transform, shuffle_buffer=1_000 if flag == "--train-data" else 0,
-                                  seed=cfg.seed)
+        training = flag == "--train-data"
+        return WebDatasetCaptions(path, transform, shuffle_buffer=1_000 if training else 0, seed=cfg.seed,
+                                  split_by_node=training)
     except (FileNotFoundError, ValueError, OSError) as error:
         message = str(error)
         for argument, option in (("img_key", "--csv-img-key"), ("caption_key", "--csv-caption-key")):
@@ -200,9 +251,14 @@ def build_train_data(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int, ru
     if cfg.batch_size % runtime.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
                          f"{runtime.world_size}")
+    if isinstance(dataset, WebDatasetCaptions) and len(dataset.shards) < runtime.world_size:
+        # Every rank sees the same shard list and stops here with the same message: none is left waiting.
+        raise UsageError(f"--train-data {cfg.train_data!r}: {len(dataset.shards)} shard(s) for {runtime.world_size} "
+                         f"processes; each process reads whole shards of its own, so split the data into at least "
+                         f"{runtime.world_size} shards")
     if not isinstance(dataset, IterableDataset) and len(dataset) < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(dataset)} samples)")
-    return TrainData(dataset, collate, cfg.batch_size, runtime, cfg.seed, cfg.workers)
+    return TrainData(dataset, collate, cfg.batch_size, runtime, cfg.seed, cfg.workers, cfg.train_num_samples)
 
 
 def real_val_pairs(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int) -> Optional[DataLoader]:
@@ -212,3 +268,67 @@ def real_val_pairs(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int) -> O
     kind = "webdataset" if ".tar" in cfg.val_data or "::" in cfg.val_data else "csv"
     dataset = _real_dataset(cfg.val_data, kind, cfg, image_size, "--val-data")
     return DataLoader(dataset, batch_size=256, collate_fn=PairCollate(tokenizer), num_workers=cfg.workers)
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+
+def _concat(parts: Sequence[Any]) -> Any:
+    """The per-rank parts of one batch field joined in rank order (None stays None)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(list(parts))
+    return tuple(item for part in parts for item in part)
+
+
+def gather_batch(batch: TokenizedBatch, runtime: Runtime) -> TokenizedBatch:
+    """The global batch, every rank's shard joined in rank order: what one process would hold.
+
+    All fields travel (torch.distributed.all_gather_object): the batch transforms and the methods'
+    loss terms need the whole batch, images included, to act as they would in one process.
+    """
+    if runtime.world_size == 1:
+        return batch
+    import torch.distributed as dist
+
+    shards: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(shards, batch._replace(extra=dict(batch.extra)))
+    fields = {name: _concat([getattr(shard, name) for shard in shards])
+              for name in ("images", "tokens", "image_ids", "text_ids", "texts")}
+    extra = {key: torch.cat([shard.extra[key] for shard in shards]) for key in shards[0].extra}
+    return TokenizedBatch(**fields, extra=extra)
+
+
+def shard_of(batch: TokenizedBatch, runtime: Runtime) -> TokenizedBatch:
+    """This rank's equal slice of a global batch (image rows, text rows; `extra` tensors by their length)."""
+    if runtime.world_size == 1:
+        return batch
+    world, rank = runtime.world_size, runtime.rank
+    images, texts = batch.images.shape[0] // world, batch.tokens.shape[0] // world
+
+    def rows(value, per_rank):
+        return None if value is None else value[rank * per_rank:(rank + 1) * per_rank]
+
+    def extra_rows(value):  # a tensor per image or per text (equal counts: the same slice)
+        return rows(value, images if len(value) == batch.images.shape[0] else texts)
+
+    return TokenizedBatch(rows(batch.images, images), rows(batch.tokens, texts), rows(batch.image_ids, images),
+                          rows(batch.text_ids, texts), rows(batch.texts, texts),
+                          {key: extra_rows(value) for key, value in batch.extra.items()})
+
+
+def trim_to_common_size(batch: TokenizedBatch, runtime: Runtime) -> TokenizedBatch:
+    """The first k pairs of a one-caption-per-image batch, k the smallest batch over the ranks.
+
+    A CSV batch loses its unreadable rows; the global batch must still split evenly over the ranks.
+    """
+    if runtime.world_size == 1:
+        return batch
+    import torch.distributed as dist
+
+    count = torch.tensor([batch.images.shape[0]], dtype=torch.int64, device=runtime.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    k = int(count)
+    if k == batch.images.shape[0]:
+        return batch
+    return batch._replace(images=batch.images[:k], tokens=batch.tokens[:k], texts=batch.texts[:k])

@@ -27,6 +27,8 @@ PathLike = Union[str, os.PathLike]
 # Settings that change the training trajectory: a resumed run must use the checkpoint's values.
 TRAJECTORY_KEYS = ("model", "pretrained", "loss", "train_data", "dataset_type", "train_size", "caption",
                    "batch_size", "seed", "lr", "weight_decay", "warmup", "beta1", "beta2", "eps", "grad_clip",
+                   "train_num_samples", "epochs", "lr_scheduler", "epochs_cooldown", "lr_cooldown_power",
+                   "lr_cooldown_end", "lock_image", "lock_text", "local_loss", "gather_with_grad", "siglip_dist_impl",
                    "precision", "omit", "perturb", "clipc_rate", "clipin", "lambda_inter", "lambda_intra",
                    "ema_momentum", "view_flip", "teacher", "distill_margin", "distill_weight", "distill_kd",
                    "false_negative_threshold")
@@ -50,6 +52,7 @@ def atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the user's group
         with os.fdopen(handle, "wb") as file:
             write(file)
             file.flush()
@@ -60,6 +63,13 @@ def atomic_write(path: PathLike, write: Callable[[Any], None]) -> None:
             os.unlink(temporary)
         raise
     _fsync_directory(path.parent)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -103,8 +113,9 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, progress: Progress, config: dict[str, Any],
-                    modules: Optional[Mapping[str, torch.nn.Module]] = None) -> None:
-    """Write a resumable checkpoint to `path` atomically (`modules`: the hooks' own parts, by name)."""
+                    modules: Optional[Mapping[str, torch.nn.Module]] = None, scaler: Any = None) -> None:
+    """Write a resumable checkpoint to `path` atomically (`modules`: the hooks' own parts, by name;
+    `scaler`: fp16's gradient scaler, kept when enabled)."""
     state = {
         "model": model.state_dict(),
         "modules": {name: module.state_dict() for name, module in (modules or {}).items()},
@@ -114,6 +125,23 @@ def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.
         "rng": rng_states(),
         "config": config,
     }
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    atomic_write(path, lambda file: torch.save(state, file))
+
+
+WEIGHTS_NAME = "open_clip_weights.pt"
+
+
+def export_weights(path: PathLike, model: torch.nn.Module) -> None:
+    """Write the model's state dict alone, atomically: the file open_clip loads.
+
+        open_clip.create_model(name, pretrained=path)   # or: --pretrained path, in this trainer
+
+    (a model config shipped with the trainer must be registered first: ``open_clip.add_model_config``
+    with pyclipfast/train/configs; a SigLIP model needs ``init_logit_bias`` for its bias.)
+    """
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     atomic_write(path, lambda file: torch.save(state, file))
 
 
@@ -146,8 +174,8 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 
 def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, modules: Optional[Mapping[str, torch.nn.Module]] = None) -> Progress:
-    """Load the model, the hooks' modules, optimizer and scheduler states; set the RNGs; return the progress."""
+            scheduler: Any, modules: Optional[Mapping[str, torch.nn.Module]] = None, scaler: Any = None) -> Progress:
+    """Load the model, the hooks' modules, optimizer, scheduler and scaler states; set the RNGs; return the progress."""
     model.load_state_dict(state["model"])
     modules = modules or {}
     saved_modules = state.get("modules", {})
@@ -158,5 +186,7 @@ def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.o
         module.load_state_dict(saved_modules[name])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])
     return Progress(**state["progress"])

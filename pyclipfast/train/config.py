@@ -18,7 +18,10 @@ from .data import ATTRIBUTES, CAPTION_MODES
 
 LOSSES = ("clip", "siglip")
 BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULERS = ("cosine", "const", "const-cooldown")
+REPORT_TO = ("none", "tensorboard")
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_TYPES = ("auto", "synthetic", "csv", "webdataset")
 CAPTIONS = CAPTION_MODES + ("all",)
@@ -46,6 +49,10 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"
     threads: Optional[int] = None
+    grad_checkpointing: bool = False
+    torchcompile: bool = False
+    lock_image: bool = False
+    lock_text: bool = False
     # data
     train_data: Optional[str] = None
     val_data: Optional[str] = None
@@ -59,18 +66,28 @@ class TrainConfig:
     omit: Optional[str] = None
     perturb: Optional[str] = None
     workers: int = 0
+    train_num_samples: Optional[int] = None
     # optimisation
     batch_size: int = 256
     chunk_size: Optional[int] = None
+    accum_freq: int = 1
     steps: int = 100
+    epochs: Optional[int] = None
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 10
+    lr_scheduler: str = "cosine"
+    epochs_cooldown: Optional[int] = None
+    lr_cooldown_power: float = 1.0
+    lr_cooldown_end: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: Optional[float] = None
     seed: int = 0
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    siglip_dist_impl: Optional[str] = None
     # methods (pyclipfast/train/methods/): CLIP-C, CLIPin, teacher distillation
     clipc_rate: float = 0.0
     clipin: bool = False
@@ -91,11 +108,14 @@ class TrainConfig:
     eval_at_start: bool = True
     log_every: int = 1
     save_every: int = 0
+    save_frequency: int = 0
+    delete_previous_checkpoint: bool = False
     resume: Optional[str] = None
     stop_at: Optional[int] = None
     progress: bool = True
     plots: bool = True
     compare_memory: bool = False
+    report_to: str = "none"
     preset: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,9 +148,14 @@ _HELP: dict[str, str] = {
     "pretrained": "open_clip pretrained tag or checkpoint file (default: random initialisation)",
     "loss": "contrastive loss",
     "backend": "pyclipfast backend for the loss and the retrieval metrics",
-    "precision": "fp32, or bf16 autocast (weights stay fp32)",
+    "precision": "fp32, bf16 autocast, or fp16 autocast with a gradient scaler (weights stay fp32)",
     "device": "auto: CUDA if available, else CPU",
     "threads": "torch CPU threads (default for a CPU run: all cores but one)",
+    "grad_checkpointing": "recompute the towers' activations in the backward pass (open_clip's "
+                          "set_grad_checkpointing): less memory per chunk, more compute",
+    "torchcompile": "compile the image and text encoders with torch.compile",
+    "lock_image": "freeze the image tower (LiT: locked-image tuning); it gets no gradient and no second pass",
+    "lock_text": "freeze the text tower",
     "train_data": "CSV file (open_clip format) or webdataset shards ('shards/{000..009}.tar'); "
                   "default: the built-in synthetic scenes",
     "val_data": "CSV or shards for retrieval evaluation (default with --train-data: none; "
@@ -150,18 +175,36 @@ _HELP: dict[str, str] = {
     "perturb": "perturbation bias on the built-in data: replace attributes in the training captions by "
                "another value with these rates, e.g. colour=0.3",
     "workers": "DataLoader worker processes",
+    "train_num_samples": "samples in one epoch of --train-data (webdataset shards have no length: needed with "
+                         "--epochs there; with a CSV or the built-in data it shortens the epoch)",
     "batch_size": "global batch size (image–caption pairs per step, over all processes)",
     "chunk_size": "encode at most this many inputs at once (gradient caching); memory grows with the "
                   "chunk, not the batch. Default: the whole per-process batch",
-    "steps": "optimizer steps",
-    "lr": "peak learning rate (AdamW; linear warmup, cosine decay to 0)",
+    "accum_freq": "open_clip's gradient accumulation over k batches; here gradient caching covers it "
+                  "exactly (the loss sees the whole batch at once): use --batch-size k*B --chunk-size B. "
+                  "Only 1 is accepted",
+    "steps": "optimizer steps (--epochs sets it)",
+    "epochs": "train this many epochs: --steps becomes epochs x batches per epoch",
+    "lr": "peak learning rate (AdamW, linear warmup, then --lr-scheduler)",
     "weight_decay": "AdamW weight decay (not on gains, biases and the logit scale/bias)",
     "warmup": "warmup steps",
+    "lr_scheduler": "after the warmup: cosine decay to 0, const, or const-cooldown (constant, then a decay "
+                    "over the last --epochs-cooldown epochs)",
+    "epochs_cooldown": "const-cooldown: epochs of the final decay (needs --epochs)",
+    "lr_cooldown_power": "const-cooldown: power of the decay (1: linear)",
+    "lr_cooldown_end": "const-cooldown: the learning rate at the end",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "eps": "AdamW epsilon",
     "grad_clip": "clip the global gradient norm to this value",
     "seed": "seed of the model initialisation, the data order and the synthetic data",
+    "local_loss": "torchrun: open_clip's ClipLoss(local_loss=True) instead of the loss of the global batch "
+                  "(each rank's rows against all columns; with --gather-with-grad the same gradient)",
+    "gather_with_grad": "torchrun: open_clip's ClipLoss/SigLipLoss gather_with_grad; without it (and with "
+                        "--local-loss or --siglip-dist-impl) the other ranks' features carry no gradient, as in "
+                        "open_clip. Neither flag: the exact loss of the global batch",
+    "siglip_dist_impl": "torchrun with --loss siglip: open_clip's SigLipLoss dist_impl (bidir, shift, reduce, "
+                        "gather) instead of the loss of the global batch",
     "clipc_rate": "CLIP-C: probability that a batch element becomes a composite of two samples (centre "
                   "halves side by side, caption '<caption 1> and <caption 2>'); 0 disables it",
     "clipin": "CLIPin: non-contrastive heads and EMA target encoders on two augmented views, "
@@ -187,18 +230,22 @@ _HELP: dict[str, str] = {
     "eval_at_start": "evaluate the untrained model before the first step",
     "log_every": "log training metrics every this many steps",
     "save_every": "write the checkpoint every this many steps (0: only at the end)",
-    "resume": "continue from this checkpoint ('auto': OUTPUT_DIR/checkpoint.pt); the run then follows "
-              "the uninterrupted trajectory exactly",
+    "save_frequency": "also keep the checkpoint of every this many epochs as epoch_K.pt (0: none)",
+    "delete_previous_checkpoint": "keep only the newest epoch_K.pt",
+    "resume": "continue from this checkpoint ('auto' or 'latest': OUTPUT_DIR/checkpoint.pt, the newest, if "
+              "it exists); the run then follows the uninterrupted trajectory exactly",
     "stop_at": "stop after this step and save a checkpoint, as if interrupted (resume with --resume)",
     "progress": "show a progress bar",
     "plots": "write loss.png and metrics.png",
     "compare_memory": "measure the peak memory of the loss against open_clip's at the batch size "
                       "(and at 8192 on a CPU)",
+    "report_to": "also log the training metrics to TensorBoard (OUTPUT_DIR/tensorboard; needs the "
+                 "tensorboard package)",
     "preset": "a set of defaults: " + ", ".join(PRESETS),
 }
 _CHOICES: dict[str, Sequence[str]] = {
     "loss": LOSSES, "backend": BACKENDS, "precision": PRECISIONS, "device": DEVICES,
-    "dataset_type": DATASET_TYPES, "preset": tuple(PRESETS),
+    "dataset_type": DATASET_TYPES, "preset": tuple(PRESETS), "lr_scheduler": LR_SCHEDULERS, "report_to": REPORT_TO,
 }
 
 
@@ -214,12 +261,35 @@ def _optional(kind: type):
     return parse
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default once, as Python writes it ('\\t', not an invisible tab); none where the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        shown = repr(action.default) if isinstance(action.default, str) else str(action.default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class _Formatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag help wrapped, the epilog as written."""
+
+
+EPILOG = """\
+subcommand:
+  python -m pyclipfast.train experiments [--preset quick|full] [--jobs N] ...
+      train every method variant with several seeds and write the methods' results table
+      (see python -m pyclipfast.train experiments --help)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m pyclipfast.train`, one flag per TrainConfig field."""
     parser = argparse.ArgumentParser(
         prog="python -m pyclipfast.train",
         description="Train a CLIP model with pyclipfast's fused losses and gradient caching.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=lambda prog: _Formatter(prog), epilog=EPILOG,
     )
     for field in dataclasses.fields(TrainConfig):
         flag, default, help_text = _flag(field.name), field.default, _HELP[field.name]
@@ -246,6 +316,30 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("workers", "warmup", "eval_every", "save_every", "weight_decay", "seed"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{_flag(name)} must be >= 0; got {getattr(cfg, name)}")
+    for name in ("epochs", "train_num_samples", "epochs_cooldown"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise UsageError(f"{_flag(name)} must be positive; got {getattr(cfg, name)}")
+    if cfg.save_frequency < 0:
+        raise UsageError(f"--save-frequency must be >= 0; got {cfg.save_frequency}")
+    if cfg.accum_freq != 1:
+        raise UsageError(f"--accum-freq {cfg.accum_freq}: gradient caching computes the exact step of a large batch "
+                         f"that accumulation approximates; use --batch-size {cfg.accum_freq}x(your batch) "
+                         f"--chunk-size (your batch)")
+    if cfg.lr_scheduler == "const-cooldown" and (cfg.epochs_cooldown is None or cfg.epochs is None):
+        raise UsageError("--lr-scheduler const-cooldown needs --epochs and --epochs-cooldown (the epochs of the decay)")
+    if cfg.epochs_cooldown is not None and cfg.lr_scheduler != "const-cooldown":
+        raise UsageError("--epochs-cooldown applies to --lr-scheduler const-cooldown only")
+    if cfg.epochs is not None and cfg.epochs_cooldown is not None and cfg.epochs_cooldown > cfg.epochs:
+        raise UsageError(f"--epochs-cooldown {cfg.epochs_cooldown} is more than --epochs {cfg.epochs}")
+    if cfg.lr_cooldown_power <= 0 or cfg.lr_cooldown_end < 0:
+        raise UsageError("--lr-cooldown-power must be positive and --lr-cooldown-end >= 0")
+    if cfg.siglip_dist_impl is not None and (cfg.siglip_dist_impl not in SIGLIP_DIST_IMPLS or cfg.loss != "siglip"):
+        raise UsageError(f"--siglip-dist-impl must be one of {', '.join(SIGLIP_DIST_IMPLS)} with --loss siglip; "
+                         f"got {cfg.siglip_dist_impl!r} with --loss {cfg.loss}")
+    if cfg.local_loss and cfg.loss != "clip":
+        raise UsageError("--local-loss applies to --loss clip (SigLIP: --siglip-dist-impl)")
+    if cfg.lock_image and cfg.lock_text:
+        raise UsageError("--lock-image and --lock-text together leave nothing to train but the logit scale")
     if cfg.threads is not None and cfg.threads <= 0:
         raise UsageError(f"--threads must be positive; got {cfg.threads}")
     if cfg.chunk_size is not None and cfg.chunk_size <= 0:
@@ -255,7 +349,7 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UsageError(f"{_flag(name)} must be in [0, 1); got {getattr(cfg, name)}")
-    if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
+    if cfg.stop_at is not None and cfg.epochs is None and not 0 < cfg.stop_at <= cfg.steps:
         raise UsageError(f"--stop-at must be in [1, --steps={cfg.steps}]; got {cfg.stop_at}")
     if cfg.train_data is None and cfg.dataset_type in ("csv", "webdataset"):
         raise UsageError(f"--dataset-type {cfg.dataset_type} needs --train-data")
@@ -361,8 +455,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     try:
         check_config(cfg)
-    except UsageError as error:
-        parser.error(str(error))
+    except UsageError as error:  # a value argparse accepted but the run cannot use: the one line, no usage text
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return cfg
 
 

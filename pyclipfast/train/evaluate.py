@@ -33,9 +33,9 @@ RECALL_KS = (1, 5, 10)
 
 
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on `device` for precision "bf16", else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast on `device` for precision "bf16" / "fp16", else nothing."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return nullcontext()
 
 

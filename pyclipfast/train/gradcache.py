@@ -92,7 +92,10 @@ def embed_in_chunks(encode: Encoder, inputs: Any, chunk_size: int) -> tuple[torc
 
 def backward_in_chunks(encode: Encoder, inputs: Any, chunk_size: int, grad: torch.Tensor,
                        states: Sequence[RngState]) -> None:
-    """Step 3: re-run each chunk with autograd under its recorded RNG state and back-propagate `grad`'s slice."""
+    """Step 3: re-run each chunk with autograd under its recorded RNG state and back-propagate `grad`'s slice.
+
+    An encoder whose output needs no gradient (no trainable parameter) stops after the first chunk.
+    """
     _check_chunk_size(chunk_size)
     chunks = _chunks(inputs, chunk_size)
     if len(chunks) != len(states):
@@ -100,6 +103,8 @@ def backward_in_chunks(encode: Encoder, inputs: Any, chunk_size: int, grad: torc
     for chunk, state, chunk_grad in zip(chunks, states, grad.split(chunk_size)):
         with state.replay():
             embeddings = encode(chunk)
+        if not embeddings.requires_grad:  # a frozen tower (e.g. LiT's locked image tower): nothing to train
+            return
         embeddings.backward(chunk_grad.to(embeddings.dtype))
 
 

@@ -13,6 +13,13 @@
 Loss functions see the full-batch embeddings (LossContext.image_features / text_features, L2
 normalised); under gradient caching they are leaves whose gradient reaches the towers chunk by
 chunk, so anything computed from them (heads, predictors) works with --chunk-size unchanged.
+
+On several processes (torchrun) a hook still sees the *global* batch: the features of every
+rank (gathered with autograd) and `batch`, the batch of all ranks, so its terms are those of one
+process on the whole batch. Work that needs no gradient (a teacher, EMA targets) runs on this
+rank's `local_batch` and is joined with `gather` (rows in rank order). Every rank computes the
+same global terms; the loop scales their gradient by 1/W so that the gradient sum over the
+ranks is the single-process gradient.
 """
 from __future__ import annotations
 
@@ -30,13 +37,23 @@ LossTerms = Callable[["LossContext"], dict[str, torch.Tensor]]
 
 @dataclass
 class LossContext:
-    """What a loss term sees: the full-batch embeddings, the batch, the model and the step."""
+    """What a loss term sees: the global batch's embeddings, the batch, the model and the step.
+
+    local_batch: this rank's part of `batch` (`batch` itself in one process).
+    gather: rows of every rank joined in rank order, without autograd (the identity in one process).
+    """
 
     image_features: torch.Tensor
     text_features: torch.Tensor
     batch: TokenizedBatch
     model: torch.nn.Module
     step: int
+    local_batch: Optional[TokenizedBatch] = None
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda rows: rows
+
+    def __post_init__(self) -> None:
+        if self.local_batch is None:
+            self.local_batch = self.batch
 
 
 @dataclass

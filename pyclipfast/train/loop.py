@@ -18,8 +18,13 @@ with those it is given.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,11 +32,17 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+import pyclipfast
 import pyclipfast.distributed as pcf_dist
 
 from .attribute_probe import AttributeProbe
-from .batches import TokenizedBatch, build_train_data, dataset_type, real_val_pairs, synthetic_split
-from .checkpoint import Progress, check_compatible, load_checkpoint, restore, save_checkpoint
+from .batches import (
+    TokenizedBatch, build_train_data, dataset_type, gather_batch, real_val_pairs, shard_of, synthetic_split,
+    trim_to_common_size,
+)
+from .checkpoint import (
+    WEIGHTS_NAME, Progress, atomic_write, check_compatible, export_weights, load_checkpoint, restore, save_checkpoint,
+)
 from .config import TrainConfig, UsageError, caption_choice, check_config, with_method_defaults
 from .evaluate import PairRetrievalEvaluation, SyntheticEvaluation, autocast_context, evaluate
 from .gradcache import grad_cache_step
@@ -41,7 +52,8 @@ from .methods import build_methods
 from .metrics import MetricsLog, plot_metrics
 from .model import create_model, create_tokenizer, image_size, model_config, resolve_model_name
 from .runtime import (
-    Runtime, all_reduce_mean, choose_threads, seed_everything, setup_runtime, sum_gradients, teardown_runtime,
+    Runtime, all_gather_with_grad, all_reduce_mean, choose_threads, gather_rows, global_term, seed_everything,
+    setup_runtime, sum_gradients, teardown_runtime,
 )
 
 
@@ -60,6 +72,8 @@ class TrainResult:
     skipped: int
     seconds: float
     loss_memory: Optional[dict[str, Any]] = None
+    is_main: bool = True  # False on the other ranks of a torchrun job (their evaluations are not reported)
+    weights: Optional[Path] = None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
@@ -88,8 +102,49 @@ def cosine_schedule(warmup: int, steps: int) -> Callable[[int], float]:
     return factor
 
 
-def contrastive_loss(cfg: TrainConfig) -> Callable[..., torch.Tensor]:
-    """The loss of the global batch: pyclipfast.distributed's clip/siglip (single-process when not launched)."""
+def lr_schedule(cfg: TrainConfig, batches_per_epoch: Optional[int]) -> Callable[[int], float]:
+    """The learning-rate factor of --lr-scheduler (open_clip's cosine_lr, const_lr, const_lr_cooldown).
+
+    Every schedule warms up linearly over --warmup steps. const-cooldown then holds the rate until
+    the last --epochs-cooldown epochs, where it decays as (1 − e/E)^power from --lr to --lr-cooldown-end.
+    """
+    if cfg.lr_scheduler == "cosine":
+        return cosine_schedule(cfg.warmup, cfg.steps)
+    cooldown = 0 if cfg.lr_scheduler == "const" else cfg.epochs_cooldown * batches_per_epoch
+    start = cfg.steps - cooldown
+    end = cfg.lr_cooldown_end / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if step < start:
+            return 1.0
+        decay = (1 - min(1.0, (step - start) / max(1, cooldown))) ** cfg.lr_cooldown_power
+        return decay * (1 - end) + end
+    return factor
+
+
+def contrastive_loss(cfg: TrainConfig, runtime: Runtime) -> Callable[..., torch.Tensor]:
+    """The loss of the global batch: pyclipfast.distributed's clip/siglip (single-process when not launched).
+
+    With --local-loss, --gather-with-grad or --siglip-dist-impl on several processes: open_clip's
+    ClipLoss / SigLipLoss (pyclipfast's drop-ins) with those settings, each rank's loss averaged over
+    the ranks' gradients as DDP does with open_clip.
+    """
+    world = runtime.world_size
+    if world > 1 and (cfg.local_loss or cfg.gather_with_grad or cfg.siglip_dist_impl is not None):
+        if cfg.loss == "clip":
+            module = pyclipfast.ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                                         rank=runtime.rank, world_size=world, backend=cfg.backend)
+        else:
+            module = pyclipfast.SigLipLoss(rank=runtime.rank, world_size=world, dist_impl=cfg.siglip_dist_impl,
+                                           backend=cfg.backend)
+
+        def open_clip_loss(model, image_features, text_features, image_ids, text_ids):
+            bias = model.logit_bias if cfg.loss == "siglip" else None
+            return global_term(module(image_features, text_features, model.logit_scale.exp(), bias), world)
+        return open_clip_loss
+
     def loss(model, image_features, text_features, image_ids, text_ids):
         scale = model.logit_scale.exp()
         if cfg.loss == "clip":
@@ -113,17 +168,36 @@ class _Run:
         self.cfg, self.runtime = cfg, runtime
         self.out = Path(cfg.output_dir)
         self.checkpoint_path = self.out / "checkpoint.pt"
+        self.weights_path = self.out / WEIGHTS_NAME
         seed_everything(cfg.seed)
         self.model = create_model(cfg.model, cfg.loss, runtime.device, cfg.pretrained)
+        prepare_model(self.model, cfg)
+        check_chunking(self.model, cfg, runtime)
         self.tokenizer = create_tokenizer(cfg.model)
         size = image_size(self.model)
         self.data = build_train_data(cfg, self.tokenizer, size, runtime)
+        self.batches_per_epoch = self.data.batches_per_epoch
+        if cfg.epochs is not None:
+            if self.batches_per_epoch is None:
+                raise UsageError("--epochs: webdataset shards have no length; give --train-num-samples (samples per "
+                                 "epoch) too")
+            cfg = self.cfg = dataclasses.replace(cfg, steps=cfg.epochs * self.batches_per_epoch)
+            if cfg.stop_at is not None and not 0 < cfg.stop_at <= cfg.steps:
+                raise UsageError(f"--stop-at must be in [1, {cfg.steps}] (--epochs {cfg.epochs}); got {cfg.stop_at}")
+        if cfg.save_frequency and self.batches_per_epoch is None:
+            raise UsageError("--save-frequency counts epochs: with webdataset shards give --train-num-samples too")
         self.hooks = merge_hooks(build_methods(cfg, self.model, self.tokenizer, self.data, runtime, echo), hooks)
         self.evaluations = self._evaluations(size)
         parameters = param_groups(self.model, cfg.weight_decay, self.hooks.modules.values())
         self.optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(cfg.warmup, cfg.steps))
-        self.loss = contrastive_loss(cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg, self.batches_per_epoch))
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=cfg.precision == "fp16")
+        self.loss = contrastive_loss(cfg, runtime)
+        self.encoders = self._encoders()
+        self.trained_parameters = [p for module in (self.model, *self.hooks.modules.values())
+                                   for p in module.parameters() if p.requires_grad]
+        self.hooks_see_batch = bool(self.hooks.batch_transform or self.hooks.loss or self.hooks.loss_terms)
+        self.csv_data = dataset_type(cfg) == "csv"
         self.progress = Progress()
         self.first_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
@@ -143,13 +217,14 @@ class _Run:
     # ------------------------------------------------------------------ resume
 
     def resume(self) -> None:
-        path = self.checkpoint_path if self.cfg.resume == "auto" else Path(self.cfg.resume)
-        if self.cfg.resume == "auto" and not path.is_file():
+        automatic = self.cfg.resume in ("auto", "latest")  # checkpoint.pt is always the newest save
+        path = self.checkpoint_path if automatic else Path(self.cfg.resume)
+        if automatic and not path.is_file():
             return  # nothing to resume: start afresh
         state = load_checkpoint(path, self.runtime.device)
         check_compatible(state["config"], self.cfg.to_dict())
         self.progress = restore(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                modules=self.hooks.modules)
+                                modules=self.hooks.modules, scaler=self.scaler)
         if self.progress.step > self.cfg.steps:
             raise UsageError(f"--resume: the checkpoint is at step {self.progress.step}, past --steps {self.cfg.steps}")
 
@@ -157,40 +232,63 @@ class _Run:
 
     def _encoders(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         device, precision, model = self.runtime.device, self.cfg.precision, self.model
+        encode_image, encode_text = model.encode_image, model.encode_text
+        if self.cfg.torchcompile:
+            encode_image = torch.compile(encode_image, backend=COMPILE_BACKEND)
+            encode_text = torch.compile(encode_text, backend=COMPILE_BACKEND)
 
         def images(x):
             with autocast_context(device, precision):
-                return model.encode_image(x, normalize=True)
+                return encode_image(x, normalize=True)
 
         def texts(t):
             with autocast_context(device, precision):
-                return model.encode_text(t, normalize=True)
+                return encode_text(t, normalize=True)
         return [images, texts]
 
     def train_step(self, batch: TokenizedBatch) -> dict[str, float]:
-        """One optimizer step on `batch` (this rank's shard); returns the loss terms."""
+        """One optimizer step on `batch` (this rank's shard); returns the loss terms and the step's lr."""
         step = self.progress.step + 1
-        if self.hooks.batch_transform is not None:
-            batch = self.hooks.batch_transform(batch, step_generator(self.cfg.seed, step))
+        world = self.runtime.world_size
+        if world > 1 and self.csv_data:
+            batch = trim_to_common_size(batch, self.runtime)
+        global_batch = gather_batch(batch, self.runtime) if world > 1 and self.hooks_see_batch else batch
+        if self.hooks.batch_transform is not None:  # on the global batch: the draws of one process
+            global_batch = self.hooks.batch_transform(global_batch, step_generator(self.cfg.seed, step))
+            batch = shard_of(global_batch, self.runtime)
         batch = batch.to(self.runtime.device)
+        global_batch = global_batch.to(self.runtime.device) if world > 1 and self.hooks_see_batch else batch
+
+        def hook_context(image_features, text_features) -> tuple[LossContext, Callable[[dict], dict]]:
+            """What the hooks see (the global batch) and how their terms enter this rank's loss."""
+            if world == 1:
+                return LossContext(image_features, text_features, batch, self.model, step), lambda parts: parts
+            context = LossContext(all_gather_with_grad(image_features), all_gather_with_grad(text_features),
+                                  global_batch, self.model, step, local_batch=batch, gather=gather_rows)
+            return context, lambda parts: {name: global_term(value, world) for name, value in parts.items()}
 
         def loss_fn(image_features, text_features):
-            context = LossContext(image_features, text_features, batch, self.model, step)
+            if self.hooks.loss is not None or self.hooks.loss_terms:
+                context, scaled = hook_context(image_features, text_features)
             if self.hooks.loss is not None:
-                parts = self.hooks.loss(context)
+                parts = scaled(self.hooks.loss(context))
             else:
                 parts = {"contrastive": self.loss(self.model, image_features, text_features, batch.image_ids,
                                                   batch.text_ids)}
             for term in self.hooks.loss_terms:
-                parts.update(term(context))
-            return sum(parts.values()), {name: value.detach() for name, value in parts.items()}
+                parts.update(scaled(term(context)))
+            total = sum(parts.values())  # fp16: the scaler's multiple is back-propagated, the loss is logged
+            return self.scaler.scale(total), (total.detach(), {name: value.detach() for name, value in parts.items()})
 
         self.optimizer.zero_grad(set_to_none=True)
-        loss, terms = grad_cache_step(self._encoders(), [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size)
-        sum_gradients(self.model.parameters(), self.runtime)
+        _, (loss, terms) = grad_cache_step(self.encoders, [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size)
+        sum_gradients(self.trained_parameters, self.runtime)
         if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
+        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient is not finite (every rank alike)
+        self.scaler.update()
         self.scheduler.step()
         with torch.no_grad():  # open_clip's clamp: the temperature never exceeds 100
             self.model.logit_scale.clamp_(0, math.log(100))
@@ -198,6 +296,7 @@ class _Run:
             self.hooks.after_step(self.model, step)
         values = {"loss": float(loss)}
         values.update({f"loss/{name}": float(value) for name, value in terms.items() if len(terms) > 1})
+        values["lr"] = lr
         return values
 
     # ------------------------------------------------------------------ evaluation, saving
@@ -208,10 +307,23 @@ class _Run:
                         batch_size=max(64, min(chunk, 1024)))
 
     def save(self) -> None:
+        """The resumable checkpoint.pt and, beside it, the weights open_clip loads (open_clip_weights.pt)."""
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict(),
-                            modules=self.hooks.modules)
+                            modules=self.hooks.modules, scaler=self.scaler)
+            export_weights(self.weights_path, self.model)
+
+    def save_epoch(self, epoch: int) -> None:
+        """--save-frequency: keep checkpoint.pt (just written) as epoch_K.pt; drop the previous one if asked."""
+        if not self.runtime.is_main:
+            return
+        kept = self.out / f"epoch_{epoch}.pt"
+        shutil.copyfile(self.checkpoint_path, kept)
+        if self.cfg.delete_previous_checkpoint:
+            for older in self.out.glob("epoch_*.pt"):
+                if older != kept:
+                    older.unlink()
 
     def batches(self):
         """(batch) forever, epoch after epoch, starting where the progress says."""
@@ -224,6 +336,41 @@ class _Run:
                 raise UsageError(f"--train-data: not one full batch of {self.cfg.batch_size} in an epoch")
             self.progress.epoch += 1
             self.progress.batch_in_epoch = 0
+
+
+# Where stderr is not a terminal (a log file, a job scheduler), progress is a line this often.
+PROGRESS_SECONDS = 30.0
+
+
+class ProgressLines:
+    """tqdm's interface for logs: a plain line every PROGRESS_SECONDS (and at the last step), no carriage returns."""
+
+    def __init__(self, total: int, initial: int, echo: Callable[[str], None]) -> None:
+        self.total, self.n, self.echo = total, initial, echo
+        self.start = self.last = time.perf_counter()
+        self.postfix: dict[str, str] = {}
+
+    def set_postfix(self, refresh: bool = True, **values: str) -> None:
+        self.postfix = values
+
+    def update(self, count: int = 1) -> None:
+        self.n += count
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_SECONDS or self.n == self.total:
+            self.last = now
+            values = "".join(f", {name} {value}" for name, value in self.postfix.items())
+            self.echo(f"train: step {self.n}/{self.total} ({100 * self.n / self.total:.0f}%), "
+                      f"{now - self.start:.0f} s{values}")
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, initial: int, enabled: bool, echo: Callable[[str], None]):
+    """A tqdm bar on a terminal, ProgressLines in a log, a disabled tqdm when `enabled` is False."""
+    if enabled and not sys.stderr.isatty():
+        return ProgressLines(total, initial, echo)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
 # On a CPU the demo's batch is small enough that the N×N logits are a few MB; one larger batch
@@ -240,14 +387,69 @@ def loss_memory_rows(cfg: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     return {"dim": dim, "method": memory_method(runtime.device), "rows": rows}
 
 
+# torch.compile's backend for --torchcompile (the tests swap in "eager" to keep compile time out of CI).
+COMPILE_BACKEND = "inductor"
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """--grad-checkpointing, --lock-image, --lock-text: open_clip's own switches on the model."""
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+
+
+def check_chunking(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime) -> None:
+    """Refuse gradient caching for a model with BatchNorm: chunks would be normalised by their own statistics.
+
+    Re-encoding a batch in chunks reproduces it exactly only when every layer treats samples
+    independently; BatchNorm's batch statistics differ per chunk, so the loss and gradients would
+    not be those of the whole batch (RN50: a different loss and vision gradients far apart).
+    """
+    per_rank = cfg.batch_size // runtime.world_size
+    if cfg.chunk_size is None or cfg.chunk_size >= per_rank:
+        return
+    norms = [name for name, module in model.named_modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise UsageError(f"--chunk-size {cfg.chunk_size}: {cfg.model} has BatchNorm layers ({norms[0]}, ... "
+                         f"{len(norms)} in all), whose batch statistics differ per chunk, so gradient caching would "
+                         f"not compute the step of the whole batch; train it without --chunk-size (or with a chunk "
+                         f"of at least the per-process batch, {per_rank}), or choose a model without BatchNorm (ViT)")
+
+
+def check_output_dir(path: Path) -> None:
+    """Create --output-dir and make sure a file can be written there, before anything else runs."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise UsageError(f"--output-dir {path}: cannot write there ({error.strerror or error})") from error
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """--backend triton/cuda need a CUDA device (the Triton interpreter, TRITON_INTERPRET=1, aside)."""
+    if device.type == "cuda":
+        return
+    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise UsageError(f"--backend {backend} runs on CUDA devices and this run is on the {device.type}; "
+                         f"use --backend auto or torch")
+
+
 def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[str], None] = print) -> TrainResult:
     """Run the training `cfg` describes; returns the evaluations, paths and counts (main process values)."""
     check_config(cfg)
     cfg = with_method_defaults(cfg)
     resolve_model_name(cfg.model)
-    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
+    if cfg.resume not in (None, "auto", "latest") and not Path(cfg.resume).is_file():
         raise UsageError(f"--resume: no checkpoint at {cfg.resume}")
+    check_output_dir(Path(cfg.output_dir))
     runtime = setup_runtime(cfg.device)
+    check_backend(cfg.backend, runtime.device)
+    if runtime.is_main:
+        echo = tee(echo, Path(cfg.output_dir) / "out.log")
     note = choose_threads(cfg.threads, runtime.device)
     if note is not None and runtime.is_main:
         echo(note)
@@ -257,15 +459,61 @@ def train(cfg: TrainConfig, hooks: Optional[Hooks] = None, *, echo: Callable[[st
         teardown_runtime(runtime)
 
 
+def write_params(path: Path, cfg: TrainConfig) -> None:
+    """params.txt as open_clip writes it: one `name: value` line per setting, sorted."""
+    text = "".join(f"{name}: {value}\n" for name, value in sorted(cfg.to_dict().items()))
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def tee(echo: Callable[[str], None], path: Path) -> Callable[[str], None]:
+    """`echo` that also appends each message to the log file `path`."""
+    def both(message: str) -> None:
+        echo(message)
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(message + "\n")
+    return both
+
+
+def tensorboard_writer(cfg: TrainConfig, out: Path):
+    """--report-to tensorboard: a SummaryWriter in OUTPUT_DIR/tensorboard (None otherwise)."""
+    if cfg.report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise UsageError(f"--report-to tensorboard needs the tensorboard package: pip install tensorboard ({error})") \
+            from error
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _records_writer(log: Optional[MetricsLog], board) -> Callable[[dict[str, Any]], None]:
+    """Write a metrics record to metrics.jsonl and, with TensorBoard, its numbers as scalars."""
+    def write(record: dict[str, Any]) -> None:
+        if log is None:
+            return
+        log.write(record)
+        if board is not None:
+            prefix = "train/" if record["kind"] == "train" else ""
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name not in ("step", "kind"):
+                    board.add_scalar(prefix + name, value, record["step"])
+            board.flush()
+    return write
+
+
 def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str], None]) -> TrainResult:
     start_time = time.perf_counter()
     run = _Run(cfg, hooks, runtime, echo)
+    cfg = run.cfg  # --epochs has set --steps
     if cfg.resume is not None:
         run.resume()
     resumed_at = run.progress.step if cfg.resume is not None else None
     run.out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run.out / "metrics.jsonl", resume_step=resumed_at) if runtime.is_main else None
-    write = log.write if log is not None else (lambda record: None)
+    board = tensorboard_writer(cfg, run.out) if runtime.is_main else None
+    write = _records_writer(log, board)
+    if runtime.is_main:
+        write_params(run.out / "params.txt", cfg)
     chunks = "" if cfg.chunk_size is None else f", chunks of {cfg.chunk_size}"
     echo(f"pyclipfast.train: {cfg.model} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M params), "
          f"{cfg.loss} loss, batch {cfg.batch_size}{chunks}, {cfg.steps} steps on {runtime.device}"
@@ -278,8 +526,7 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
         write({"kind": "eval", "step": 0, **run.first_eval})
 
     stop = cfg.stop_at if cfg.stop_at is not None else cfg.steps
-    bar = tqdm(total=stop, initial=run.progress.step, disable=not (cfg.progress and runtime.is_main),
-               desc="train", unit="step", dynamic_ncols=True)
+    bar = progress_bar(stop, run.progress.step, cfg.progress and runtime.is_main, echo)
     batches = run.batches()
     while run.progress.step < stop:
         tick = time.perf_counter()
@@ -289,18 +536,24 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
         seconds = time.perf_counter() - tick
         samples_per_s = all_reduce_mean(cfg.batch_size / seconds, runtime)
         step = run.progress.step
+        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{samples_per_s:.0f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{samples_per_s:.0f}")
         if step % cfg.log_every == 0 or step == stop:
             write({"kind": "train", "step": step, "epoch": run.progress.epoch, **values,
-                   "lr": run.scheduler.get_last_lr()[0], "logit_scale": run.model.logit_scale.exp().item(),
+                   "logit_scale": run.model.logit_scale.exp().item(),
                    "samples_per_s": samples_per_s, "skipped": run.data.skipped})
         if run.evaluations and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             run.last_eval = run.evaluate()
             write({"kind": "eval", "step": step, **run.last_eval})
-        if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
+        epoch_done = run.batches_per_epoch is not None and run.progress.batch_in_epoch == run.batches_per_epoch
+        keep_epoch = cfg.save_frequency and epoch_done and (run.progress.epoch + 1) % cfg.save_frequency == 0
+        if (cfg.save_every and step % cfg.save_every == 0) or step == stop or keep_epoch:
             run.save()
+        if keep_epoch:
+            run.save_epoch(run.progress.epoch + 1)
     bar.close()
+    if board is not None:
+        board.close()
     if not run.last_eval and run.evaluations and run.progress.step == cfg.steps:
         run.last_eval = run.evaluate()  # resumed at the very end: nothing left to train
 
@@ -317,4 +570,5 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
     return TrainResult(config=cfg, first_eval=run.first_eval, last_eval=run.last_eval, step=run.progress.step,
                        output_dir=run.out, checkpoint=run.checkpoint_path if run.checkpoint_path.is_file() else None,
                        metrics_path=run.out / "metrics.jsonl", plots=plots, skipped=skipped,
-                       seconds=time.perf_counter() - start_time, loss_memory=loss_memory)
+                       seconds=time.perf_counter() - start_time, loss_memory=loss_memory, is_main=runtime.is_main,
+                       weights=run.weights_path if run.weights_path.is_file() else None)

@@ -66,21 +66,57 @@ def model_config(name: str) -> dict[str, Any]:
     return open_clip.get_model_config(name)
 
 
-def create_model(model: str, loss: str, device: torch.device, pretrained: str | None = None) -> torch.nn.Module:
+def trainer_checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The model state dict of a pyclipfast.train checkpoint.pt, or None when `path` is another file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file, or one that needs pickled code: open_clip's loader decides
+        return None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state:
+        return state["model"]
+    return None
+
+
+def _load_pretrained(name: str, pretrained: str, device: torch.device, flag: str, **kwargs: Any) -> torch.nn.Module:
+    """open_clip's model `name` with the weights of `pretrained`: a trainer checkpoint.pt, a weights file
+    (open_clip_weights.pt, open_clip's own checkpoints) or an open_clip pretrained tag (downloaded)."""
+    if Path(pretrained).is_file():
+        weights = trainer_checkpoint_weights(pretrained)
+        if weights is not None:
+            model = open_clip.create_model(name, precision="fp32", device=device, **kwargs)
+            try:
+                model.load_state_dict(weights)
+            except RuntimeError as error:
+                raise UsageError(f"{flag} {pretrained}: its weights do not fit {name} ({error})") from error
+            return model
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, precision="fp32", device=device, **kwargs)
+    except Exception as error:
+        if Path(pretrained).is_file():
+            raise UsageError(f"{flag} {pretrained}: cannot load it into {name} ({error})") from error
+        tags = [tag for arch, tag in open_clip.list_pretrained() if arch == name]
+        raise UsageError(f"{flag} {pretrained!r}: not a file, and open_clip could not fetch it as a pretrained tag "
+                         f"of {name} (known tags: {', '.join(tags) or 'none'}); without network access, download "
+                         f"the weights elsewhere and give the local file ({error})") from error
+
+
+def create_model(model: str, loss: str, device: torch.device, pretrained: str | None = None,
+                 flag: str = "--pretrained") -> torch.nn.Module:
     """An open_clip CLIP model in float32 on `device` (bf16 runs under autocast, weights stay fp32).
 
-    SigLIP models get SigLIP's logit scale and a learnable bias initialised at −10.
+    SigLIP models get SigLIP's logit scale and a learnable bias initialised at −10. `pretrained`:
+    a trainer checkpoint.pt, a weights file or an open_clip tag (see `_load_pretrained`); errors
+    name `flag`.
     """
     name = resolve_model_name(model)
     kwargs = SIGLIP_INIT if loss == "siglip" else {}
-    quiet = pretrained is None  # random initialisation is the intent: silence open_clip's warning about it
-    if quiet:
-        logging.disable(logging.WARNING)
+    if pretrained is not None:
+        return _load_pretrained(name, pretrained, device, flag, **kwargs)
+    logging.disable(logging.WARNING)  # random initialisation is the intent: silence open_clip's warning about it
     try:
-        return open_clip.create_model(name, pretrained=pretrained, precision="fp32", device=device, **kwargs)
+        return open_clip.create_model(name, precision="fp32", device=device, **kwargs)
     finally:
-        if quiet:
-            logging.disable(logging.NOTSET)
+        logging.disable(logging.NOTSET)
 
 
 def create_tokenizer(model: str) -> Callable[[list[str]], torch.Tensor]:

@@ -67,5 +67,7 @@ def summary_table(result: TrainResult) -> str:
     if result.plots:
         lines.append("plots:      " + ", ".join(str(p) for p in result.plots))
     if result.checkpoint is not None:
-        lines.append(f"checkpoint: {result.checkpoint}")
+        lines.append(f"checkpoint: {result.checkpoint}  (resume with --resume)")
+    if result.weights is not None:
+        lines.append(f"weights:    {result.weights}  (open_clip.create_model(..., pretrained=...) or --pretrained)")
     return "\n".join(lines)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import pyclipfast.distributed as pcf_dist
+
 from .config import UsageError
 
 
@@ -115,3 +117,25 @@ def all_reduce_mean(value: float, runtime: Runtime) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor)
     return float(tensor.item()) / runtime.world_size
+
+
+def all_gather_with_grad(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows joined in rank order; the backward returns each rank its rows' gradient summed."""
+    return pcf_dist.all_gather_with_grad(rows)
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows joined in rank order, without autograd."""
+    with torch.no_grad():
+        return pcf_dist.all_gather_with_grad(rows.detach())
+
+
+def global_term(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    """A loss term every rank computes on the global batch, as this rank's share of it.
+
+    The value stays the global value (what is logged); the gradient is 1/W of it, so that the
+    gradients summed over the ranks (features through the gather's backward, parameters by
+    `sum_gradients`) are the single-process gradient of the term.
+    """
+    share = value / world_size
+    return share + (value - share).detach()

@@ -177,7 +177,8 @@ def _distill_fwd_kernel(
                 v_cross = v_cross * rescale + tl.sum(e * w, 1) + 0.0 * row_pos_tile
                 _col_lse(col_part, col_stride, U_MAX, offs_n, col_ok, u_inf)
                 rescale, e = _col_lse(col_part, col_stride, V_MAX, offs_n, col_ok, v_inf)
-                _col_update(col_part, col_stride, V_CROSS, offs_n, col_ok, rescale, tl.sum(e * w, 0) + 0.0 * col_pos_tile)
+                _col_update(col_part, col_stride, V_CROSS, offs_n, col_ok, rescale,
+                            tl.sum(e * w, 0) + 0.0 * col_pos_tile)
             # The next row block of this program reads these columns back, possibly
             # from other threads: make the writes visible block-wide first.
             tl.debug_barrier()

@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._tiles import dot_precision, ids_or_dummy, on_input_device, parallel_target, positive_tile, score_tile, tile_config
+from ._tiles import (
+    dot_precision, ids_or_dummy, on_input_device, parallel_target, positive_tile, score_tile, tile_config,
+)
 
 
 @triton.jit

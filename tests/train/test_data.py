@@ -11,7 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from pyclipfast.train.data import (
     CLIP_MEAN,
@@ -36,6 +36,7 @@ from pyclipfast.train.data import (
     compose_pair,
     compositional_probe,
     describe,
+    drop_unreadable,
     detailed_caption,
     render_scene,
     sample_sentences,
@@ -693,15 +694,17 @@ def csv_folder(tmp_path):
 def test_csv_reader_resolves_paths_and_skips_corrupt_images(csv_folder, monkeypatch, caplog):
     monkeypatch.chdir(csv_folder.parent)
     dataset = CsvCaptions(csv_folder / "train.tsv", transform=ResizeCropNormalize(8))
-    assert len(dataset) == 5
+    assert len(dataset) == 5 and dataset.resolution.startswith("relative to the CSV's folder")
     with caplog.at_level(logging.WARNING):
         items = [dataset[i] for i in range(len(dataset))]
-    captions = [caption for _, caption in items]
-    # Row 2 (bad.jpg) is unreadable: the next row stands in for it.
-    assert captions == [f"a {c} picture" for c in ("red", "green", "blue", "blue", "white")]
-    assert all(image.shape == (3, 8, 8) for image, _ in items)
-    assert dataset.skipped.value == 1
-    assert "bad.jpg" in caplog.text
+        again = dataset[2]
+    # Row 2 (bad.jpg) is unreadable: it is skipped (None), not replaced by a row the batch may hold already.
+    assert items[2] is None and again is None
+    captions = [caption for _, caption in drop_unreadable(items)]
+    assert captions == [f"a {c} picture" for c in ("red", "green", "blue", "white")]
+    assert all(image.shape == (3, 8, 8) for image, _ in drop_unreadable(items))
+    assert dataset.skipped.value == 2
+    assert caplog.text.count("bad.jpg") == 1  # warned once however often the row is read
     plain = CsvCaptions(csv_folder / "train.tsv")
     image, caption = plain[0]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.getpixel((0, 0)) == (255, 0, 0)
@@ -709,9 +712,10 @@ def test_csv_reader_resolves_paths_and_skips_corrupt_images(csv_folder, monkeypa
 
 def test_csv_reader_counts_skips_in_dataloader_workers(csv_folder):
     dataset = CsvCaptions(csv_folder / "train.tsv", transform=ResizeCropNormalize(8))
-    loader = DataLoader(dataset, batch_size=2, num_workers=2)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2,
+                        collate_fn=lambda samples: default_collate(drop_unreadable(samples)))
     batches = list(loader)
-    assert sum(len(captions) for _, captions in batches) == 5
+    assert sum(len(captions) for _, captions in batches) == 4
     assert batches[0][0].shape == (2, 3, 8, 8)
     assert dataset.skipped.value == 1
 
@@ -730,8 +734,8 @@ def test_csv_reader_options_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         CsvCaptions(tmp_path / "missing.csv")
     (tmp_path / "bad.csv").write_text("image,caption\nmissing.png,gone\n")
-    with pytest.raises(RuntimeError, match="no readable image"):
-        CsvCaptions(tmp_path / "bad.csv", sep=",", img_key="image", caption_key="caption")[0]
+    with pytest.raises(ValueError, match="'missing.png', was tried as given .*working directory"):
+        CsvCaptions(tmp_path / "bad.csv", sep=",", img_key="image", caption_key="caption")
 
 
 @pytest.fixture()

@@ -1,9 +1,7 @@
 """The reference trainer: it learns, resumes exactly, writes atomically, and fails clearly."""
 import io
 import json
-import multiprocessing
 import os
-import socket
 import tarfile
 
 import numpy as np
@@ -17,18 +15,10 @@ from pyclipfast.train.batches import EpochBatches
 from pyclipfast.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from pyclipfast.train.config import parse_args
 from pyclipfast.train.metrics import read_metrics, without_timing
+from train_helpers import micro, run_on_ranks, write_images
 
 
 pytestmark = pytest.mark.usefixtures("real_tiles")
-
-
-def micro(tmp_path, **overrides) -> TrainConfig:
-    """A run of the 32×32 test model on a small synthetic split."""
-    settings = dict(model="pcf-micro-32", device="cpu", train_size=512, val_size=64, batch_size=64,
-                    chunk_size=16, steps=4, lr=3e-3, warmup=2, output_dir=str(tmp_path / "run"),
-                    progress=False, plots=False, eval_at_start=False, seed=0)
-    settings.update(overrides)
-    return TrainConfig(**settings)
 
 
 # ---------------------------------------------------------------------------------------------- learning
@@ -94,17 +84,6 @@ def test_resume_refuses_a_different_trajectory(tmp_path):
         train(micro(tmp_path, steps=3, batch_size=32, resume="auto"))
 
 
-def _rank_main(rank: int, world_size: int, port: int, settings: dict, errors) -> None:
-    """One torchrun-like process: the environment torchrun would set, then train()."""
-    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        train(TrainConfig(**settings))
-    except BaseException as error:  # report to the parent instead of dying silently
-        errors.put(f"rank {rank}: {error!r}")
-
-
 def test_two_processes_take_the_single_process_steps(tmp_path):
     """torch.distributed (gloo): 2 ranks × 32 pairs follow the 1 × 64 trajectory (same global batches).
 
@@ -114,19 +93,7 @@ def test_two_processes_take_the_single_process_steps(tmp_path):
     """
     settings = dict(steps=2, eps=1e-3)
     single = train(micro(tmp_path / "one", **settings))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = micro(tmp_path / "two", **settings).to_dict()
-    context = multiprocessing.get_context("fork")
-    errors = context.Queue()
-    ranks = [context.Process(target=_rank_main, args=(rank, 2, port, config, errors)) for rank in range(2)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=240)
-    assert errors.empty(), errors.get()
-    assert [p.exitcode for p in ranks] == [0, 0]
+    assert run_on_ranks(micro(tmp_path / "two", **settings), 2) == []
     one = load_checkpoint(single.checkpoint, torch.device("cpu"))["model"]
     two = load_checkpoint(tmp_path / "two" / "run" / "checkpoint.pt", torch.device("cpu"))["model"]
     for name, tensor in one.items():
@@ -195,20 +162,6 @@ def test_epoch_batches_shard_disjointly_and_resume_in_place():
         assert [i for shard in shards for i in shard[k]] == batch  # rank order is batch order
     assert list(EpochBatches(100, 20, seed=3, epoch=1, start=2)) == full[2:]
     assert list(EpochBatches(100, 20, seed=3, epoch=2)) != full
-
-
-def write_images(folder, count, corrupt=()):
-    """`count` small PNGs (index i in `corrupt`: a truncated file instead)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"{i}.png"
-        buffer = io.BytesIO()
-        Image.fromarray(np.full((40, 48, 3), 20 * i % 255, dtype=np.uint8)).save(buffer, format="PNG")
-        data = buffer.getvalue()
-        path.write_bytes(data[:30] if i in corrupt else data)
-        paths.append(path)
-    return paths
 
 
 def test_csv_with_a_corrupt_image_is_skipped_and_counted(tmp_path, capsys):

@@ -26,7 +26,7 @@ from .captions import (
 )
 from .composition import compose_pair, semantic_compositions
 from .dataset import ClipBatch, SyntheticClipDataset, SyntheticSample, collate_clip
-from .files import CsvCaptions, SkipCounter, WebDatasetCaptions, expand_shards, load_rgb
+from .files import CsvCaptions, SkipCounter, WebDatasetCaptions, drop_unreadable, expand_shards, load_rgb
 from .probe import PROBE_KINDS, ProbeRecord, compositional_probe
 from .render import render_scene, shape_mask
 from .scenes import COLOUR_NAMES, COLOURS, RELATIONS, REGIONS, SHAPES, SIZES, Scene, SceneObject, sample_scene
@@ -76,6 +76,7 @@ __all__ = [
     "compose_pair",
     "compositional_probe",
     "describe",
+    "drop_unreadable",
     "detailed_caption",
     "expand_shards",
     "load_rgb",

@@ -5,8 +5,8 @@ never crash on bad data: an unreadable image (or, in shards, a sample without im
 caption, or an unreadable tar member or shard) is skipped, logged and counted in
 `reader.skipped.value`, a counter shared with DataLoader worker processes.
 
-    CsvCaptions: map-style. A row whose image cannot be read is replaced by the next readable
-        row, so batches stay full; `DataLoader(CsvCaptions(...), batch_size=..., shuffle=True)`.
+    CsvCaptions: map-style. A row whose image cannot be read gives None, which the trainer's
+        collate functions drop (`drop_unreadable`); its warning is logged once.
     WebDatasetCaptions: iterable. Unreadable samples are dropped from the stream; shards are
         split across distributed ranks and DataLoader workers.
 """
@@ -43,11 +43,12 @@ class SkipCounter:
     def __init__(self) -> None:
         self._count = multiprocessing.Value("q", 0)
 
-    def add(self, reason: str) -> None:
-        """Count one skipped sample (or unreadable shard) and log why."""
+    def add(self, reason: str | None = None) -> None:
+        """Count one skipped sample (or unreadable shard) and log why (None: the caller logs)."""
         with self._count.get_lock():
             self._count.value += 1
-        logger.warning("skipped: %s", reason)
+        if reason is not None:
+            logger.warning("skipped: %s", reason)
 
     @property
     def value(self) -> int:
@@ -61,11 +62,43 @@ def load_rgb(source: str | os.PathLike[str] | bytes) -> Image.Image:
         return image.convert("RGB")
 
 
-class CsvCaptions(Dataset[tuple[Any, str]]):
+PROBED_ROWS = 16  # rows whose image paths decide how relative paths resolve
+
+
+def resolve_image_paths(paths: Sequence[str], csv_path: Path) -> tuple[list[str], str]:
+    """The CSV's image paths resolved as open_clip resolves them, and how they were resolved.
+
+    open_clip opens each path as given: absolute, or relative to the working directory. A CSV
+    whose relative paths instead name files beside it (none of the first PROBED_ROWS exists from
+    the working directory, some do from the CSV's folder) is resolved against its folder. When
+    neither finds a file among the first rows, ValueError names the first path tried and how it
+    was resolved, before any training starts.
+    """
+    probe = list(paths[:PROBED_ROWS])
+    if any(os.path.isfile(p) for p in probe):
+        return list(paths), "as given (relative to the working directory, as open_clip does)"
+    beside = [p if os.path.isabs(p) else str(csv_path.parent / p) for p in paths]
+    if any(os.path.isfile(p) for p in beside[:PROBED_ROWS]):
+        return beside, f"relative to the CSV's folder {csv_path.parent}"
+    first = probe[0]
+    raise ValueError(
+        f"none of the first {len(probe)} image paths is a file; the first, {first!r}, was tried as given "
+        f"({os.path.abspath(first)}, relative to the working directory {os.getcwd()}, as open_clip does) and "
+        f"relative to the CSV's folder ({os.path.abspath(beside[0])})"
+    )
+
+
+class CsvCaptions(Dataset[tuple[Any, str] | None]):
     """open_clip's CSV format: one row per (image path, caption).
 
+    Image paths resolve as in open_clip (relative to the working directory), or against the
+    CSV's folder when that is where they point (`resolve_image_paths`). A row whose image cannot
+    be read gives None (a collate function drops it: a stand-in row could repeat a pair already
+    in the batch, a false negative), is counted in `skipped`, and is logged once per row however
+    many epochs and workers read it.
+
     Args:
-        path: the CSV/TSV file. Image paths relative to its folder are resolved against it.
+        path: the CSV/TSV file.
         transform: applied to each RGB PIL image (None: the PIL image itself).
         sep, img_key, caption_key: open_clip's --csv-separator, --csv-img-key, --csv-caption-key.
     """
@@ -90,39 +123,39 @@ class CsvCaptions(Dataset[tuple[Any, str]]):
         if table.empty:
             raise ValueError(f"CSV file has no rows: {path}")
         self.path = path
-        self.images = [str(path.parent / p) for p in table[img_key]]
+        self.images, self.resolution = resolve_image_paths(table[img_key].tolist(), path)
         self.captions = table[caption_key].tolist()
         self.transform = transform
         self.skipped = SkipCounter()
+        self._warned = multiprocessing.Array("B", (len(self.images) + 7) // 8, lock=False)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def _read(self, index: int) -> Image.Image | None:
-        """The image of row `index`, or None if it cannot be read."""
-        try:
-            return load_rgb(self.images[index])
-        except UNREADABLE_ERRORS:
-            return None
+    def _warn_once(self, index: int, error: Exception) -> None:
+        byte, bit = divmod(index, 8)
+        if self._warned[byte] & (1 << bit):
+            return
+        self._warned[byte] |= 1 << bit
+        logger.warning("skipped: unreadable image %s (row %d of %s, paths resolved %s): %r", self.images[index],
+                       index, self.path, self.resolution, error)
 
-    def _next_readable(self, index: int) -> tuple[int, Image.Image]:
-        """The first readable row after `index` (wrapping around) and its image."""
-        for offset in range(1, len(self)):
-            candidate = (index + offset) % len(self)
-            image = self._read(candidate)
-            if image is not None:
-                return candidate, image
-        raise RuntimeError(f"no readable image in {self.path}")
-
-    def __getitem__(self, index: int) -> tuple[Any, str]:
-        """(transformed image, caption) of row `index`, or of the next readable row if it is unreadable."""
+    def __getitem__(self, index: int) -> tuple[Any, str] | None:
+        """(transformed image, caption) of row `index`, or None if its image cannot be read."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} rows")
-        image = self._read(index)
-        if image is None:
-            self.skipped.add(f"unreadable image {self.images[index]} (row {index} of {self.path})")
-            index, image = self._next_readable(index)
+        try:
+            image = load_rgb(self.images[index])
+        except UNREADABLE_ERRORS as error:
+            self.skipped.add()
+            self._warn_once(index, error)
+            return None
         return (image if self.transform is None else self.transform(image)), self.captions[index]
+
+
+def drop_unreadable(samples: Sequence[Any]) -> list[Any]:
+    """The samples of a batch without the None that CsvCaptions gives for an unreadable image."""
+    return [sample for sample in samples if sample is not None]
 
 
 def expand_shards(urls: str | Sequence[str]) -> list[str]:
@@ -169,6 +202,8 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         shuffle_buffer: 0 reads shards and samples in order; n > 0 shuffles the shard order and
             samples through a buffer of n, reproducibly from (seed, epoch).
         seed: base seed of the shuffle.
+        split_by_node: each torch.distributed rank reads its own shards (training); False: every
+            rank reads them all (evaluation on the whole set).
     """
 
     def __init__(
@@ -178,6 +213,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         *,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        split_by_node: bool = True,
     ) -> None:
         if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be a non-negative int, got {shuffle_buffer!r}")
@@ -187,6 +223,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         self.transform = transform
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.split_by_node = split_by_node
         self.epoch = 0
         self.skipped = SkipCounter()
 
@@ -206,7 +243,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         shards = list(self.shards)
         if self.shuffle_buffer:
             rng.shuffle(shards)
-        for shard in wds.split_by_worker(wds.split_by_node(shards)):
+        for shard in wds.split_by_worker(wds.split_by_node(shards) if self.split_by_node else shards):
             yield {"url": shard}
 
     def __iter__(self) -> Iterator[tuple[Any, str]]:

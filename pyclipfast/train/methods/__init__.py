@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ..batches import TrainData
-from ..config import TrainConfig, UsageError
+from ..config import TrainConfig
 from ..hooks import Hooks, merge_hooks
 from ..model import image_size, model_config, resolve_model_name
 from ..runtime import Runtime
@@ -39,17 +39,16 @@ def build_methods(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Tokenizer
     """The hooks of the methods `cfg` enables (empty Hooks when none is).
 
     Building them draws nothing from the run's random streams: CLIPin's heads are initialised
-    from their own seed, so a method never shifts the rest of the run's trajectory.
+    from their own seed, so a method never shifts the rest of the run's trajectory. On several
+    processes the loop hands the transforms and loss terms the global batch (see ..hooks), so a
+    method acts as it does in one process; composites are numbered in the global batch.
     """
-    if runtime.world_size > 1 and (cfg.clipin or cfg.teacher is not None):
-        flag = "--clipin" if cfg.clipin else "--teacher"
-        raise UsageError(f"{flag} runs in one process for now (torchrun with {runtime.world_size} processes)")
     per_rank = cfg.batch_size // runtime.world_size
     chunk = min(cfg.chunk_size or per_rank, per_rank)
     hooks = []
     if cfg.clipc_rate > 0:
         offset = 0 if isinstance(data.dataset, IterableDataset) else len(data.dataset)
-        hooks.append(Hooks(batch_transform=Compositions(cfg.clipc_rate, tokenizer, offset, runtime.rank)))
+        hooks.append(Hooks(batch_transform=Compositions(cfg.clipc_rate, tokenizer, offset)))
     if cfg.clipin:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1_000_003 + 17)
@@ -59,5 +58,5 @@ def build_methods(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Tokenizer
                             chunk_size=chunk, backend=cfg.backend)
         hooks.append(clipin.hooks())
     if cfg.teacher is not None:
-        hooks.append(build_distillation(cfg, data.dataset, image_size(model), runtime.device, chunk, echo).hooks())
+        hooks.append(build_distillation(cfg, data.dataset, image_size(model), runtime, chunk, echo).hooks())
     return merge_hooks(*hooks)

@@ -20,7 +20,9 @@ The heads sit on the towers' output embeddings (open_clip's projections play CLI
 pre-projectors), so p_I and p_T are functions of the full-batch embeddings the loop hands to loss
 terms: under gradient caching (--chunk-size) their gradient reaches the towers chunk by chunk
 like the contrastive loss's. The target encoders run without autograd, in chunks of
---chunk-size, so they add forward passes but no activation memory. Heads and targets are a
+--chunk-size, so they add forward passes but no activation memory. On several processes each
+rank embeds its own inputs with the targets; the heads and losses run on the gathered global
+batch (their BatchNorm statistics are the global batch's), as in one process. Heads and targets are a
 module of the run ("clipin"): checkpointed and restored on resume.
 """
 from __future__ import annotations
@@ -140,11 +142,12 @@ class Clipin:
         batch, online, target = context.batch, self.parts.online, self.parts.target
         predicted_image = online["image_predictor"](online["image_projector"](context.image_features.float()))
         predicted_text = online["text_predictor"](online["text_projector"](context.text_features.float()))
-        with torch.no_grad():
-            image = target["image_projector"](self.target_embed.images(batch.images))
-            image_view = target["image_projector"](self.target_embed.images(batch.extra["image_view"]))
-            text = target["text_projector"](self.target_embed.texts(batch.tokens))
-            text_view_ = target["text_projector"](self.target_embed.texts(batch.extra["text_view"]))
+        local, gather = context.local_batch, context.gather
+        with torch.no_grad():  # targets of this rank's inputs, then joined (the projectors' BatchNorm: global batch)
+            image = target["image_projector"](gather(self.target_embed.images(local.images)))
+            image_view = target["image_projector"](gather(self.target_embed.images(local.extra["image_view"])))
+            text = target["text_projector"](gather(self.target_embed.texts(local.tokens)))
+            text_view_ = target["text_projector"](gather(self.target_embed.texts(local.extra["text_view"])))
         per_image = captions_per_image(batch)
         first_caption = torch.arange(0, len(text), per_image, device=text.device)  # image i ↔ its first caption
         own_image = torch.arange(len(text), device=text.device) // per_image  # caption j ↔ its image

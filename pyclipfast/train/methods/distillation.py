@@ -70,23 +70,8 @@ def teacher_identity(name: str, checkpoint: str) -> dict[str, Any]:
 
 def load_teacher(name: str, checkpoint: str, device: torch.device) -> nn.Module:
     """The frozen teacher: `name` (resolved) with the weights of `checkpoint`; UsageError naming the flag."""
-    path = Path(checkpoint)
     with torch.random.fork_rng(devices=[]):  # building the teacher leaves the run's random streams alone
-        try:
-            if path.is_file():
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                if isinstance(state, dict) and "model" in state and "config" in state:  # a pyclipfast.train run
-                    teacher = create_model(name, "clip", device)
-                    teacher.load_state_dict(state["model"])
-                else:
-                    teacher = create_model(name, "clip", device, pretrained=str(path))
-            else:
-                teacher = create_model(name, "clip", device, pretrained=checkpoint)
-        except UsageError:
-            raise
-        except Exception as error:  # wrong architecture for the weights, unknown tag, unreadable file
-            raise UsageError(f"--teacher-checkpoint {checkpoint}: cannot load it into --teacher {name} ({error})") \
-                from error
+        teacher = create_model(name, "clip", device, pretrained=checkpoint, flag="--teacher-checkpoint")
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -229,10 +214,10 @@ class Distillation:
 
     def loss(self, context: LossContext) -> dict[str, torch.Tensor]:
         """{"contrastive": L_ce, "distill": λ·L_kd} of the batch."""
-        batch = context.batch
-        with torch.no_grad():
-            teacher_images = self.features.images(batch.images, batch.image_ids, batch.extra.get("altered"))
-            teacher_texts = self.features.texts(batch.texts)
+        batch, local, gather = context.batch, context.local_batch, context.gather
+        with torch.no_grad():  # the teacher embeds this rank's inputs; the loss sees the global batch
+            teacher_images = gather(self.features.images(local.images, local.image_ids, local.extra.get("altered")))
+            teacher_texts = gather(self.features.texts(local.texts))
             teacher_scale = self.teacher.logit_scale.exp()
         contrastive, distill = pyclipfast.distill_loss(
             context.image_features, context.text_features, teacher_images, teacher_texts,
@@ -241,13 +226,18 @@ class Distillation:
         return {"contrastive": contrastive, "distill": distill}
 
 
-def build_distillation(cfg, dataset, student_image_size: int, device: torch.device, chunk_size: int,
+def build_distillation(cfg, dataset, student_image_size: int, runtime, chunk_size: int,
                        echo: Callable[[str], None]) -> Distillation:
-    """The teacher of --teacher/--teacher-checkpoint, its cache (built-in data), and the loss hooks."""
+    """The teacher of --teacher/--teacher-checkpoint, its cache (built-in data), and the loss hooks.
+
+    On several processes rank 0 computes and writes the cache first; the others then read it (or,
+    when the file is not visible to them, compute it themselves).
+    """
     try:
         name = resolve_model_name(cfg.teacher)
     except UsageError as error:
         raise UsageError(str(error).replace("--model", "--teacher", 1)) from None
+    device = runtime.device
     teacher = load_teacher(name, cfg.teacher_checkpoint, device)
     features = TeacherFeatures(teacher, create_tokenizer(name), device, cfg.precision, chunk_size)
     directory = cache_directory(cfg)
@@ -256,15 +246,25 @@ def build_distillation(cfg, dataset, student_image_size: int, device: torch.devi
                                         dataset.modes)
         key = TeacherCache.key_of(description)
         path = directory / f"{key[:20]}.pt"
+        if not runtime.is_main:
+            _barrier(runtime)
         cache = TeacherCache.load(path, key)
         if cache is None:
             cache = TeacherCache.compute(key, dataset, features, chunk_size)
-            cache.save(path)
+            if runtime.is_main:
+                cache.save(path)
             echo(f"teacher cache: embedded {len(cache.image_features)} images and {len(cache.texts)} captions "
                  f"with {name} → {path}")
         else:
             echo(f"teacher cache: {path}")
+        if runtime.is_main:
+            _barrier(runtime)
         features.cache = cache
         features.computed = {"images": 0, "texts": 0}
     return Distillation(teacher, features, margin=cfg.distill_margin, kd_weight=cfg.distill_weight,
                         kd=cfg.distill_kd, threshold=cfg.false_negative_threshold, backend=cfg.backend)
+
+
+def _barrier(runtime) -> None:
+    if runtime.world_size > 1:
+        torch.distributed.barrier()
