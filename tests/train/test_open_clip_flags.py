@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyclipfast.train.loop as loop
-from pyclipfast.train import UsageError, train
+from pyclipfast.train import Hooks, UsageError, train
 from pyclipfast.train.checkpoint import load_checkpoint
 from pyclipfast.train.config import parse_args
 from pyclipfast.train.metrics import read_metrics
@@ -137,3 +137,23 @@ def test_epochs_on_shards_need_the_sample_count(tmp_path):
     write_shards(tmp_path, shards=1, per_shard=4)
     with pytest.raises(UsageError, match="--epochs: .*--train-num-samples"):
         train(micro(tmp_path, train_data=str(tmp_path / "shard-0.tar"), batch_size=4, chunk_size=None, epochs=1))
+
+
+def test_the_loss_gets_bf16_features_under_cpu_autocast(tmp_path):
+    seen = []
+    record = Hooks(loss_terms=[lambda context: seen.append(context.image_features.dtype) or {}])
+    train(micro(tmp_path, train_size=32, batch_size=32, chunk_size=16, steps=1, precision="bf16"), record)
+    assert seen == [torch.bfloat16]
+
+
+def test_features_are_normalised_outside_autocast(monkeypatch):
+    """CUDA autocast would turn F.normalize's output to fp32: the normalisation must run after autocast
+    (checked on the CPU by where it runs; on a GPU the dtype then follows)."""
+    calls = []
+    normalize = torch.nn.functional.normalize
+    monkeypatch.setattr(torch.nn.functional, "normalize", lambda x, dim: calls.append(
+        (torch.is_autocast_enabled("cpu"), x.dtype)) or normalize(x, dim=dim))
+    towers = lambda images: [torch.nn.functional.linear(images, torch.randn(4, 6))]  # noqa: E731
+    features = loop.encode_features(towers, {"images": torch.randn(3, 6)}, torch.device("cpu"), "bf16")
+    assert calls == [(False, torch.bfloat16)] and features[0].dtype == torch.bfloat16
+    assert torch.allclose(features[0].float().norm(dim=-1), torch.ones(3), atol=1e-2)
