@@ -43,7 +43,8 @@ from .batches import (
     trim_to_common_size,
 )
 from .checkpoint import (
-    WEIGHTS_NAME, Progress, atomic_write, check_compatible, export_weights, load_checkpoint, restore, save_checkpoint,
+    WEIGHTS_NAME, Progress, atomic_write, check_compatible, export_weights, load_checkpoint, restore, rng_states,
+    save_checkpoint,
 )
 from .config import TrainConfig, UsageError, caption_choice, check_config, with_method_defaults
 from .evaluate import PairRetrievalEvaluation, SyntheticEvaluation, autocast_context, evaluate
@@ -55,7 +56,7 @@ from .metrics import MetricsLog, plot_metrics
 from .model import create_model, create_tokenizer, image_size, model_config, resolve_model_name
 from .runtime import (
     Runtime, all_gather_with_grad, all_reduce_mean, choose_threads, gather_rows, global_term, seed_everything,
-    average_scales, distributed_towers, setup_runtime, teardown_runtime,
+    average_scales, broadcast_object, distributed_towers, gather_objects, setup_runtime, teardown_runtime,
 )
 
 
@@ -211,6 +212,8 @@ class _Run:
         self.ddp = distributed_towers(self.model, runtime)
         self.towers = torch.compile(self.ddp, backend=COMPILE_BACKEND) if cfg.torchcompile else self.ddp
         self.encoders = self._encoders()
+        if runtime.world_size > 1:  # dropout and other draws of the step differ per rank (the model is built alike)
+            seed_everything(cfg.seed * 1_000_003 + runtime.rank)
         self.trained_parameters = [p for module in (self.model, *self.hooks.modules.values())
                                    for p in module.parameters() if p.requires_grad]
         self.hooks_see_batch = bool(self.hooks.batch_transform or self.hooks.loss or self.hooks.loss_terms)
@@ -234,14 +237,25 @@ class _Run:
     # ------------------------------------------------------------------ resume
 
     def resume(self) -> None:
+        """Continue from --resume. Rank 0 decides and reads the checkpoint, every rank gets its content
+        (an output folder local to rank 0's node still resumes every rank, from the same state)."""
         automatic = self.cfg.resume in ("auto", "latest")  # checkpoint.pt is always the newest save
         path = self.checkpoint_path if automatic else Path(self.cfg.resume)
-        if automatic and not path.is_file():
+        found: Any = None
+        if self.runtime.is_main:
+            try:
+                found = None if automatic and not path.is_file() else load_checkpoint(path, self.runtime.device)
+                if found is not None:
+                    check_compatible(found["config"], self.cfg.to_dict())
+            except UsageError as error:  # every rank stops with rank 0's reason
+                found = error
+        found = broadcast_object(found, self.runtime)
+        if isinstance(found, UsageError):
+            raise found
+        if found is None:
             return  # nothing to resume: start afresh
-        state = load_checkpoint(path, self.runtime.device)
-        check_compatible(state["config"], self.cfg.to_dict())
-        self.progress = restore(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                modules=self.hooks.modules, scaler=self.scaler)
+        self.progress = restore(found, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                modules=self.hooks.modules, scaler=self.scaler, rank=self.runtime.rank)
         if self.progress.step > self.cfg.steps:
             raise UsageError(f"--resume: the checkpoint is at step {self.progress.step}, past --steps {self.cfg.steps}")
 
@@ -329,10 +343,11 @@ class _Run:
 
     def save(self) -> None:
         """The resumable checkpoint.pt and, beside it, the weights open_clip loads (open_clip_weights.pt)."""
+        rng = gather_objects(rng_states(), self.runtime)  # every rank's generators (per-rank dropout streams)
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict(),
-                            modules=self.hooks.modules, scaler=self.scaler)
+                            modules=self.hooks.modules, scaler=self.scaler, rng_per_rank=rng)
             export_weights(self.weights_path, self.model)
 
     def save_epoch(self, epoch: int) -> None:

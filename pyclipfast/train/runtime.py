@@ -184,3 +184,21 @@ def global_term(value: torch.Tensor, world_size: int) -> torch.Tensor:
     """
     share = value / world_size
     return share + (value - share).detach()
+
+
+def broadcast_object(value, runtime: Runtime):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if runtime.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value, runtime: Runtime) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if runtime.world_size == 1:
+        return [value]
+    values: list = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values
