@@ -157,3 +157,11 @@ def test_features_are_normalised_outside_autocast(monkeypatch):
     features = loop.encode_features(towers, {"images": torch.randn(3, 6)}, torch.device("cpu"), "bf16")
     assert calls == [(False, torch.bfloat16)] and features[0].dtype == torch.bfloat16
     assert torch.allclose(features[0].float().norm(dim=-1), torch.ones(3), atol=1e-2)
+
+
+def test_dataset_resampled_draws_shards_endlessly(tmp_path):
+    """One shard of 4 samples, epochs of 12: resampling keeps drawing the shard."""
+    write_shards(tmp_path, shards=1, per_shard=4)
+    result = train(micro(tmp_path, train_data=str(tmp_path / "shard-0.tar"), batch_size=4, chunk_size=None, epochs=2,
+                         train_num_samples=12, dataset_resampled=True))
+    assert [r["epoch"] for r in _train_records(result)] == [0, 0, 0, 1, 1, 1]
