@@ -1,17 +1,16 @@
 #!/usr/bin/env bash
-# Download the peers' wheels for the GPU machine, which has Python 3.12 and no network, into
-# .wheels/ (gitignored). Run here, on a machine with network access, from anywhere in the repo:
+# Gather what the GPU check needs beside the checkout on a machine with a GPU, Python 3.12 and no
+# network, into .wheels/ (gitignored). Run here, with network access, from anywhere in the repo:
 #
 #     bash benchmarks/peer_wheels.sh            # or: bash benchmarks/peer_wheels.sh DEST
 #
-# The GPU machine already has torch, torchvision, triton, numpy, timm, huggingface-hub,
-# safetensors, regex and tqdm; what the peers need beyond that is listed here. There, the
-# benchmark script installs them without pip resolving anything:
-#
-#     python3 -m pip install --no-index --no-deps --target /tmp/peers .wheels/*.whl
-#     export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH}
-#
-# (benchmarks/gpu_check.sh does this; name .wheels in the device tool's `carry`.)
+# 1. The peers' wheels (open_clip and what it imports, Inf-CL, siglip-kernel). The GPU machine
+#    already has torch, torchvision, triton, numpy, timm, huggingface-hub, safetensors, regex and
+#    tqdm. benchmarks/gpu_check.sh installs them there without resolving anything:
+#        python3 -m pip install --no-index --no-deps --target /tmp/site .wheels/*.whl
+# 2. The CUDA kernel library built here (pyclipfast/cuda/libpyclipfast_cuda.so, by
+#    `python csrc/build.py`): a C library with the CUDA runtime linked in, so it loads with the
+#    GPU machine's torch and Python; gpu_check.sh points PYCLIPFAST_CUDA_LIBRARY at the copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.wheels}
@@ -32,7 +31,15 @@ mkdir -p "$DEST"
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$DEST" "${PEERS[@]}"
 
-echo "== wheels in $DEST (carry this folder to the GPU machine; do not commit it)"
+LIB=pyclipfast/cuda/libpyclipfast_cuda.so
+if [ -f "$LIB" ]; then
+    cp "$LIB" "$DEST/"
+else
+    echo "warning: $LIB is not built (python csrc/build.py); the GPU check needs it" >&2
+fi
+
+echo "== files in $DEST (copy this folder beside the checkout on the GPU machine; do not commit it)"
+[ -f "$DEST/libpyclipfast_cuda.so" ] && printf '%8.1f KiB  %s\n' "$(echo "$(stat -c %s "$DEST/libpyclipfast_cuda.so") / 1024" | bc -l)" libpyclipfast_cuda.so
 total=0
 for whl in "$DEST"/*.whl; do
     size=$(stat -c %s "$whl")

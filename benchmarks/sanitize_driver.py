@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     failures = 0
     for backend in args.backends.split(","):
         if not available.get(backend):
-            print(f"{backend}: not available here (pyclipfast._C not built / triton missing)", flush=True)
+            print(f"{backend}: not available here (CUDA kernel library not built / triton missing)", flush=True)
             failures += 1
             continue
         for dtype_name in args.dtypes.split(","):

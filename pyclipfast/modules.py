@@ -169,7 +169,6 @@ class SigLipLoss(nn.Module):
         self.dist_impl = dist_impl or "bidir"
         if self.dist_impl not in ("bidir", "shift", "reduce", "gather"):
             raise ValueError(f"dist_impl must be 'bidir', 'shift', 'reduce' or 'gather'; got {dist_impl!r}")
-        self.use_horovod = False
         self.backend = backend
         self.group = group
         self.prev_num_logits = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import tempfile
 import time
 import traceback
 import warnings
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyclipfast as pcf
+from benchmarks.bench_distributed import counted_peak
 from helpers import TOLERANCE, features, rel_err
 from pyclipfast import distributed as pcd
 
@@ -33,6 +35,7 @@ SHARD, DIM = 37, 20                          # image rows per rank, feature dim
 TRITON_SHARD, TRITON_DIM = 10, 16            # Triton runs interpreted on the CPU: keep it tiny,
 TRITON_WORLD = 2                             # and in one of the spawns
 SCALE, BIAS, TEACHER_SCALE, TEACHER_DIM = 14.3, -5.0, 20.0, 12
+MEMORY_WORLDS, MEMORY_SHARD, MEMORY_DIM = (2, 4, 8), 24, 8   # one spawn of 8 ranks, groups of 2, 4 and 8
 
 # name: (module, options, with bias, backend, dtype)
 MODULE_CASES = {
@@ -307,11 +310,37 @@ def _error_case(name: str, rank: int, world: int, seed: int) -> dict:
     return {"error": None}
 
 
+def _memory_case(rank: int) -> dict:
+    """Counted peak bytes of one forward + backward of ClipLoss(local_loss, gather_with_grad) at a fixed
+    per-rank batch, on the groups of the first 2, 4 and 8 ranks; and of the same loss with
+    materialised n×N logits (open_clip's computation) for contrast."""
+    peaks = {}
+    for world in MEMORY_WORLDS:
+        group = dist.new_group(list(range(world)))
+        if rank >= world:
+            continue
+        batch = _global_batch(world, 0, rows=MEMORY_SHARD, dim=MEMORY_DIM)
+        fused = pcf.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, group=group,
+                             backend="torch")
+        image, text, scale, _ = _leaves(batch, rank, world, False)
+        peaks[("fused", world)] = counted_peak(fused, image, text, scale)
+
+        def materialised(image, text, scale):
+            all_image, all_text = pcd.all_gather_with_grad(image, group), pcd.all_gather_with_grad(text, group)
+            labels = torch.arange(rank * MEMORY_SHARD, (rank + 1) * MEMORY_SHARD)
+            return 0.5 * (torch.nn.functional.cross_entropy(scale * image @ all_text.T, labels)
+                          + torch.nn.functional.cross_entropy(scale * text @ all_image.T, labels))
+
+        image, text, scale, _ = _leaves(batch, rank, world, False)
+        peaks[("materialised", world)] = counted_peak(materialised, image, text, scale)
+    return peaks
+
+
 def _runs_in(backend: str, world: int) -> bool:
     return backend != "triton" or world == TRITON_WORLD
 
 
-def _worker(rank: int, world: int, seed: int, rendezvous: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, seed: int, rendezvous: str, out_dir: str, memory_only: bool = False) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
@@ -322,7 +351,7 @@ def _worker(rank: int, world: int, seed: int, rendezvous: str, out_dir: str) -> 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        results = _run_cases(rank, world, seed)
+        results = {"memory": _memory_case(rank)} if memory_only else _run_cases(rank, world, seed)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears down its connections while a peer still uses them
     finally:
@@ -348,10 +377,10 @@ def _run_cases(rank: int, world: int, seed: int) -> dict:
     return results
 
 
-def _spawn(world: int, seed: int, out_dir: str) -> None:
+def _spawn(world: int, seed: int, out_dir: str, memory_only: bool = False) -> None:
     """Run the ranks, failing (and killing them) after SPAWN_TIMEOUT_S."""
-    context = mp.start_processes(_worker, args=(world, seed, os.path.join(out_dir, "rendezvous"), out_dir),
-                                 nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(_worker, args=(world, seed, os.path.join(out_dir, "rendezvous"), out_dir,
+                                                memory_only), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not context.join(timeout=1):
@@ -542,6 +571,28 @@ def test_ranks_stay_in_step_after_errors(run):
     for r in ranks:
         for ours, again in zip(r["functional/clip"]["ours"], r["after-errors"]["ours"]):
             _assert_close("repeat", again, ours, TOLERANCE[torch.float64])
+
+
+def test_per_rank_memory_has_no_n_by_n_term():
+    """At a fixed per-rank batch n, per-rank memory of the fused drop-in grows with W only by the
+    gathered texts and their gradient (2·N·D elements) and O(N) column statistics: what remains is
+    flat in W. The materialised loss (open_clip's) adds its two n×N logit matrices per rank."""
+    out_dir = tempfile.mkdtemp(prefix="memory")
+    try:
+        _spawn(max(MEMORY_WORLDS), 0, out_dir, memory_only=True)
+    except mp.ProcessRaisedException as error:
+        pytest.fail(f"a rank raised:\n{error}")
+    peaks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"))["memory"] for r in range(max(MEMORY_WORLDS))]
+    n, d, item = MEMORY_SHARD, MEMORY_DIM, 8   # float64
+    peak = {key: max(p[key] for p in peaks if key in p) for key in peaks[0]}
+    small, large = MEMORY_WORLDS[0], MEMORY_WORLDS[-1]
+    added = (large - small) * n                  # columns added to N
+    rest = {w: peak[("fused", w)] - 2 * w * n * d * item for w in MEMORY_WORLDS}
+    # (measured: 2 values per added column; one n×N matrix would add n = 24)
+    assert rest[large] - rest[small] <= 8 * added * item, f"fused, without the gathered texts: {rest}"
+    assert peak[("fused", large)] - peak[("fused", small)] >= 2 * added * d * item, peak  # the counter counts
+    grew = peak[("materialised", large)] - peak[("materialised", small)]
+    assert grew >= 2 * n * added * item, f"materialised: {peak}"
 
 
 # --------------------------------------------------------------------------- without a process group

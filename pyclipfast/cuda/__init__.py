@@ -1,14 +1,13 @@
-"""CUDA C++ backend: Python launchers for the kernels of the compiled extension pyclipfast._C (csrc/).
+"""CUDA C++ backend: Python launchers for the kernels of libpyclipfast_cuda.so (csrc/).
 
-One file per loss with exactly the functions and signatures of ``pyclipfast/triton/<loss>.py``,
-so the autograd Functions of ``pyclipfast/<loss>.py`` run unchanged with ``backend="cuda"``.
-Importing this package raises ImportError when the extension is not built.
+The kernels are a C library (csrc/pyclipfast_c.h) with the CUDA runtime linked in statically:
+no torch and no Python inside, so one build loads with any torch and any Python. `_library`
+loads it with ctypes, `_kernels` checks every argument and passes raw pointers, sizes and
+strides on torch's current stream, and one file per loss has exactly the functions and
+signatures of ``pyclipfast/triton/<loss>.py``, so the autograd Functions of
+``pyclipfast/<loss>.py`` run unchanged with ``backend="cuda"``.
+Importing this package raises ImportError, saying why, when the library is not built or does not load.
 """
-try:
-    from .. import _C  # noqa: F401
-except ImportError as err:  # the message says how to rebuild; _dispatch reports it for backend="cuda"
-    raise ImportError(
-        "pyclipfast.cuda needs the compiled extension pyclipfast._C, which is not built or does not load "
-        f"({err}); rebuild with: CUDA_HOME=/usr/local/cuda PYCLIPFAST_BUILD_CUDA=1 "
-        "pip install --no-build-isolation -e ."
-    ) from err
+from . import _library
+
+_library.load()

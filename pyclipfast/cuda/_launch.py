@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .. import _C
+from . import _kernels
 from .._blocks import split_groups
 
 
@@ -24,7 +24,7 @@ class TileConfig:
 
 
 # One tile of S, fixed in csrc/pyclipfast.h (the gradient blocks are whole tiles).
-TILE = TileConfig(_C.BLOCK_M, _C.BLOCK_N)
+TILE = TileConfig(_kernels.BLOCK_M, _kernels.BLOCK_N)
 # Forward split: at most this many row groups (each keeps an M-long column partial), and
 # enough programs for 4 per SM: 4 blocks of 128 threads fit an SM by registers (≤ 128 each)
 # and shared memory (≤ 37 KB each). Untuned starting points.

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .. import _C
+from . import _kernels
 from ._launch import TILE, block_tiles, forward_grid, ids_i64, scalar_f32, use_tf32, vec_f32
 from .._blocks import blocked_grads, gradient_norm, lse_partials, merge_lse_partials
 
@@ -33,7 +33,7 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     n, m = a.shape[0], b.shape[0]
     row_groups, col_groups, rb_per, cb_per = forward_grid(n, m, a)
     parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device)
-    _C.clip_forward(a, b, scalar_f32(scale), ids_i64(row_ids), ids_i64(col_ids),
+    _kernels.clip_forward(a, b, scalar_f32(scale), ids_i64(row_ids), ids_i64(col_ids),
                     *(parts[k] for k in ("row_max", "row_sum", "row_pos", "col_max", "col_sum", "col_pos")),
                     row_groups, col_groups, rb_per, cb_per, use_tf32(a))
     return merge_lse_partials(parts)
@@ -59,7 +59,7 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     def write_block(g, r0, r1, c0, c1):
         tiles = block_tiles(r0, r1, c0, c1)
         part = torch.empty(tiles, dtype=torch.float32, device=a.device)
-        _C.clip_grad(a, b, scale_f, inv_norm=inv_norm, g_out=g if store else None, dscale_part=part,
+        _kernels.clip_grad(a, b, scale_f, inv_norm=inv_norm, g_out=g if store else None, dscale_part=part,
                      row0=r0, row1=r1, col0=c0, col1=c1, tf32=tf32, **ids, **vecs)
         dscale_parts.append(part.sum())
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C
+from . import _kernels
 from ..reference import COSINE_EPS
 
 
@@ -24,5 +24,5 @@ def cosine_forward(online: torch.Tensor, target: torch.Tensor, grad_scale: float
     cos = torch.empty(n, dtype=torch.float32, device=online.device)
     d_online = torch.empty(online.shape, dtype=online.dtype, device=online.device) if need_online else None
     d_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if need_target else None
-    _C.cosine(online, target, cos, d_online, d_target, grad_scale=float(grad_scale), eps=COSINE_EPS)
+    _kernels.cosine(online, target, cos, d_online, d_target, grad_scale=float(grad_scale), eps=COSINE_EPS)
     return cos, d_online, d_target

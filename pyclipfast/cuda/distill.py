@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Dict
 
 import torch
 
-from .. import _C
+from . import _kernels
 from .._blocks import blocked_grads, gradient_norm, merge_lse, merge_weighted, packed_distill_vectors
 from ..reference import ANGLE_EPS
 from ._launch import TILE, block_tiles, forward_grid, ids_i64, scalar_f32, use_tf32
@@ -60,7 +60,7 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     row_part = torch.empty(stats, col_groups, n, **f32)
     col_part = torch.zeros(stats, row_groups, m, **f32)
     col_part[[Z_MAX, U_MAX, V_MAX] if kd else [Z_MAX]] = float("-inf")
-    _C.distill_forward(a, b, scalar_f32(scale), **_teacher(ta, tb, teacher_scale, opts),
+    _kernels.distill_forward(a, b, scalar_f32(scale), **_teacher(ta, tb, teacher_scale, opts),
                        row_ids=ids_i64(row_ids), col_ids=ids_i64(col_ids), row_part=row_part, col_part=col_part,
                        row_groups=row_groups, col_groups=col_groups, row_blocks_per_group=rb_per,
                        col_blocks_per_group=cb_per, tf32=use_tf32(a), **_options(opts))
@@ -92,7 +92,7 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
 
     def write_block(g, r0, r1, c0, c1):
         part = torch.empty(block_tiles(r0, r1, c0, c1), dtype=torch.float32, device=a.device)
-        _C.distill_grad(a, b, scale_f, g_out=g if store else None, dscale_part=part,
+        _kernels.distill_grad(a, b, scale_f, g_out=g if store else None, dscale_part=part,
                         row0=r0, row1=r1, col0=c0, col1=c1, **fixed)
         dscale_parts.append(part.sum())
 

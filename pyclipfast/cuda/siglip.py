@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import _C
+from . import _kernels
 from ._launch import TILE, block_tiles, ids_i64, scalar_f32, use_tf32
 from .._blocks import blocked_grads, siglip_outputs
 
@@ -34,7 +34,7 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     def write_block(g, r0, r1, c0, c1):
         tiles = block_tiles(r0, r1, c0, c1)
         part = torch.empty(3, tiles, dtype=torch.float32, device=a.device)
-        _C.siglip(a, b, scale_f, bias_f, negative_only=negative_only, g_out=g if store else None,
+        _kernels.siglip(a, b, scale_f, bias_f, negative_only=negative_only, g_out=g if store else None,
                   loss_part=part[0], dscale_part=part[1], dbias_part=part[2],
                   row0=r0, row1=r1, col0=c0, col1=c1, tf32=tf32, **ids)
         parts.append(part.sum(1))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Dict
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .._blocks import gradient_norm, merge_weighted, packed_distill_vectors
 from ..reference import ANGLE_EPS
@@ -176,7 +177,8 @@ def _distill_fwd_kernel(
                 v_cross = v_cross * rescale + tl.sum(e * w, 1) + 0.0 * row_pos_tile
                 _col_lse(col_part, col_stride, U_MAX, offs_n, col_ok, u_inf)
                 rescale, e = _col_lse(col_part, col_stride, V_MAX, offs_n, col_ok, v_inf)
-                _col_update(col_part, col_stride, V_CROSS, offs_n, col_ok, rescale, tl.sum(e * w, 0) + 0.0 * col_pos_tile)
+                _col_update(col_part, col_stride, V_CROSS, offs_n, col_ok, rescale,
+                            tl.sum(e * w, 0) + 0.0 * col_pos_tile)
             # The next row block of this program reads these columns back, possibly
             # from other threads: make the writes visible block-wide first.
             tl.debug_barrier()
@@ -291,11 +293,13 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     names = FORWARD_STATS if kd else FORWARD_STATS[:3]
     f32 = dict(dtype=torch.float32, device=a.device)
     row_part = torch.empty(len(names), col_groups, n, **f32)
-    # running maxima start at −∞, sums at 0
-    col_start = torch.tensor([float("-inf") if k.endswith("_max") else 0.0 for k in names], **f32)
-    col_part = col_start[:, None, None].repeat(1, row_groups, m)
+    # running maxima start at −∞, sums at 0 (filled on the device: no host-to-device copy)
+    col_part = torch.zeros(len(names), row_groups, m, **f32)
+    for i, k in enumerate(names):
+        if k.endswith("_max"):
+            col_part[i].fill_(float("-inf"))
     (margin, threshold), shapes = _kernel_args(a, b, ta, tb, opts)
-    _distill_fwd_kernel[(row_groups, col_groups)](
+    wrap_triton(_distill_fwd_kernel)[(row_groups, col_groups)](
         a, b, ta, tb, _scales(scale, teacher_scale), ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a),
         row_part, col_part, margin, threshold, n, m, *shapes, rb_per, cb_per, **_flags(row_ids, opts),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=dot_precision(a),
@@ -330,7 +334,7 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
     def write_block(g, r0, r1, c0, c1):
         grid = block_grid(r0, r1, c0, c1, cfg)
         part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
-        _distill_grad_kernel[grid](
+        wrap_triton(_distill_grad_kernel)[grid](
             a, b, ta, tb, scales, *ids, row_vec, col_vec, 1.0 / norm, g, g.stride(0), g.stride(1), part,
             margin, threshold, a.shape[0], b.shape[0], r0, r1, c0, c1, *shapes, **_flags(row_ids, opts),
             STORE_G=need_a or need_b,

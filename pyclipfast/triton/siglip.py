@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .._blocks import siglip_outputs
 from ._tiles import (
@@ -75,7 +76,7 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     def write_block(g, r0, r1, c0, c1):
         grid = block_grid(r0, r1, c0, c1, cfg)
         part = torch.empty(3, grid[0] * grid[1], **f32)
-        _siglip_kernel[grid](
+        wrap_triton(_siglip_kernel)[grid](
             a, b, scale_f, bias_f, *ids, g, g.stride(0), g.stride(1), part[0], part[1], part[2],
             r0, r1, c0, c1, dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_BIAS=bias is not None, STORE_G=store_g, POS_MODE=pos_mode,

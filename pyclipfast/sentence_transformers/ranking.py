@@ -1,0 +1,147 @@
+"""The MultipleNegativesRankingLoss family as calls of the fused rows-only InfoNCE (no sentence-transformers import).
+
+With anchors q_i (n of them on this rank), candidates d = [positives; negatives_1; …; negatives_k]
+and s the scale (sim: dot products, of L2-normalised embeddings for cos_sim):
+
+    query_to_doc:  t_i = logsumexp_j s·sim(q_i, d_j)  − s·sim(q_i, p_i)
+    doc_to_query:  u_i = logsumexp_j s·sim(q_j, p_i)  − s·sim(q_i, p_i)
+    L = mean_i t_i  |  mean_i logaddexp(t_i, u_i) (joint)  |  mean_i ½(t_i + u_i) (per_direction)
+
+t and u are each one `pyclipfast.clip_loss(..., reduction="none", bidirectional=False)`: the own
+pair is the positive, given by ids; hard negatives are extra columns with an id that matches no
+anchor. Duplicates (candidates with the positive's text, dup(i), found by text keys):
+
+    "positives":  t_i = logsumexp_j S_ij − logsumexp_{j∈{own}∪dup(i)} S_ij   (−log of the softmax mass on them)
+    "mask":       t_i = logsumexp_{j∉dup(i)} S_ij − S_i,own
+                      = t_i⁰ + log1p(−Σ_{j∈dup(i)} exp(S_ij − S_i,own − t_i⁰))
+
+with t⁰ the plain term. Both corrections cost O(|dup|·D). The mask is stable because a
+duplicate's logit equals the positive's (identical texts give identical embeddings) and the
+positive stays in the sum. (The mean-of-positives form of `clip_loss`'s ids would change nothing
+here: identical texts have identical logits.)
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..clip import clip_loss
+from ..distributed import all_gather_with_grad
+
+DUPLICATE_MODES = (None, "positives", "mask")
+
+
+def check_duplicates(duplicates: Optional[str]) -> Optional[str]:
+    if duplicates not in DUPLICATE_MODES:
+        raise ValueError(f"duplicates must be None, 'positives' or 'mask'; got {duplicates!r}")
+    return duplicates
+
+
+def text_keys(sentence_feature: dict[str, Tensor]) -> Tensor:
+    """One int64 key per text of a tokenized column: equal keys ⇔ equal input ids (padding ignored).
+
+    A 63-bit BLAKE2 digest of the unpadded token ids, the same on every process (Python's
+    ``hash`` is salted per process), so keys can be compared across ranks.
+    """
+    input_ids = sentence_feature.get("input_ids")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError("duplicates needs tokenized text inputs with a 2-D 'input_ids' tensor in every column")
+    mask = sentence_feature.get("attention_mask")
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    keys = []
+    for ids, keep in zip(input_ids.cpu(), mask.cpu()):
+        digest = hashlib.blake2b(ids[keep].to(torch.int64).numpy().tobytes(), digest_size=8).digest()
+        keys.append(int.from_bytes(digest, "little") >> 1)
+    return torch.tensor(keys, dtype=torch.int64, device=input_ids.device)
+
+
+def _duplicate_pairs(row_keys: Tensor, row_index: Tensor, col_keys: Tensor, col_index: Tensor):
+    """(rows, cols) of all pairs with equal text keys but different indices, in O((n + M) log M + pairs)."""
+    sorted_keys, order = col_keys.sort()
+    lo = torch.searchsorted(sorted_keys, row_keys)
+    counts = torch.searchsorted(sorted_keys, row_keys, right=True) - lo
+    rows = torch.repeat_interleave(torch.arange(row_keys.numel(), device=row_keys.device), counts)
+    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    cols = order[torch.repeat_interleave(lo, counts) + torch.arange(rows.numel(), device=rows.device) - first]
+    keep = col_index[cols] != row_index[rows]
+    return rows[keep], cols[keep]
+
+
+# --------------------------------------------------------------------------- the fused loss
+
+def _gathered(x: Tensor, gather: bool) -> Tensor:
+    return all_gather_with_grad(x) if gather else x
+
+
+def _direction_terms(rows: Tensor, own: Tensor, cols: Tensor, scale: float, row_index: Tensor,
+                     col_index: Tensor, row_keys: Optional[Tensor], col_keys: Optional[Tensor],
+                     duplicates: Optional[str]) -> Tensor:
+    """Per row i: logsumexp_j s·⟨rows_i, cols_j⟩ − s·⟨rows_i, own_i⟩, the own pair among the columns.
+
+    `row_index`/`col_index` are unique ids (the own pair has equal ids), `row_keys`/`col_keys`
+    text keys for the duplicates modes.
+    """
+    terms = clip_loss(rows, cols, scale, image_ids=row_index, text_ids=col_index,
+                      reduction="none", bidirectional=False)
+    if duplicates is None:
+        return terms
+    pair_rows, pair_cols = _duplicate_pairs(row_keys, row_index, col_keys, col_index)
+    if pair_rows.numel() == 0:
+        return terms
+    positive = scale * (rows * own).sum(-1)
+    # S_ij − S_i,own for each duplicate pair, in the loss's precision
+    excess = (scale * (rows[pair_rows] * cols[pair_cols]).sum(-1) - positive[pair_rows]).to(terms.dtype)
+    if duplicates == "mask":
+        share = torch.zeros_like(terms).index_add(0, pair_rows, torch.exp(excess - terms[pair_rows]))
+        return terms + torch.log1p(-share)
+    # positives: logsumexp over the own pair and the duplicates, relative to the own pair
+    top = torch.zeros_like(terms).scatter_reduce(0, pair_rows, excess, "amax", include_self=True)
+    mass = torch.exp(-top).index_add(0, pair_rows, torch.exp(excess - top[pair_rows]))
+    return terms - (top + torch.log(mass))
+
+
+def fused_ranking_loss(embeddings: Sequence[Tensor], *, scale: float, normalize: bool,
+                       doc_to_query: bool, joint: bool, gather: bool, duplicates: Optional[str] = None,
+                       keys: Optional[Sequence[Tensor]] = None) -> Tensor:
+    """The MultipleNegativesRankingLoss family on [anchors, positives, negatives_1..k], fused.
+
+    Args:
+        embeddings: K + 1 tensors (n, D): anchors, positives, then each column of hard negatives.
+        scale: s (1 / temperature).
+        normalize: True for cos_sim, False for dot_score.
+        doc_to_query: add the positives→anchors direction.
+        joint: one softmax over both directions (logaddexp) instead of their mean.
+        gather: compare this rank's anchors with the candidates of all ranks.
+        duplicates: None, "positives" or "mask" (see the module docstring), with `keys`, one
+            int64 text key per row of each embedding column.
+    """
+    if len(embeddings) < 2:
+        raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+    if duplicates is not None and (keys is None or len(keys) != len(embeddings)):
+        raise ValueError("duplicates needs one tensor of text keys per input column")
+    embeddings = [F.normalize(e, p=2, dim=1) if normalize else e for e in embeddings]
+    anchors, positives = embeddings[0], embeddings[1]
+    n = anchors.shape[0]
+    gather = gather and dist.is_available() and dist.is_initialized()
+    first = dist.get_rank() * n if gather else 0
+    index = torch.arange(first, first + n, device=anchors.device)
+    no_anchor = torch.full_like(index, -1)
+    # The candidates and their ids go through the same gather, so the labels follow the order.
+    candidates = torch.cat([_gathered(e, gather) for e in embeddings[1:]])
+    candidate_index = torch.cat([_gathered(i, gather) for i in [index] + [no_anchor] * (len(embeddings) - 2)])
+    candidate_keys = None if keys is None else torch.cat([_gathered(k, gather) for k in keys[1:]])
+    terms = _direction_terms(anchors, positives, candidates, scale, index, candidate_index,
+                             None if keys is None else keys[1], candidate_keys, duplicates)
+    if doc_to_query:
+        all_anchors = _gathered(anchors, gather)
+        reverse = _direction_terms(positives, anchors, all_anchors, scale, index, _gathered(index, gather),
+                                   None if keys is None else keys[0],
+                                   None if keys is None else _gathered(keys[0], gather), duplicates)
+        terms = torch.logaddexp(terms, reverse) if joint else 0.5 * (terms + reverse)
+    return terms.mean()
