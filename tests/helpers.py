@@ -93,16 +93,24 @@ def as_reference(*tensors: torch.Tensor) -> list:
     return [t.detach().double().cpu().requires_grad_() for t in tensors]
 
 
-def assert_close_to_reference(out, ref, dtype, names: Sequence[str]) -> None:
-    """out/ref: sequences of tensors (loss, gradients...) compared with the dtype's tolerance."""
+def assert_close_to_reference(out, ref, dtype, names: Sequence[str], baseline=None) -> None:
+    """out/ref: sequences of tensors (loss, gradients...) compared with the dtype's tolerance.
+
+    baseline: the same values computed by plain materialised PyTorch in `dtype` on the same
+    inputs. A scalar such as the scale's gradient Σ G_ij·⟨A_i, B_j⟩ can cancel to near zero,
+    where no summation order reaches the dtype's relative tolerance; each value then passes
+    at up to twice plain PyTorch's own error, never looser than the dtype's tolerance.
+    """
     tol = TOLERANCE[dtype]
     assert len(out) == len(ref) and len(out) <= len(names), (
         f"{len(out)} outputs, {len(ref)} reference values, names {', '.join(names)}")
-    for name, o, r in zip(names, out, ref):
+    assert baseline is None or len(baseline) == len(ref), f"{len(baseline)} baseline values"
+    for k, (name, o, r) in enumerate(zip(names, out, ref)):
         assert o is not None, f"{name}: no value/gradient produced"
         assert torch.isfinite(o.detach().double()).all(), f"{name}: non-finite values"
         err = rel_err(o, r)
-        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g} ({dtype})"
+        limit = tol if baseline is None else max(tol, 2 * rel_err(baseline[k], r))
+        assert err <= limit, f"{name}: relative error {err:.3g} > {limit:g} ({dtype})"
 
 
 # The small blocking: 16×16×16 Triton tiles, up to 64 forward row groups and 16 programs' worth
