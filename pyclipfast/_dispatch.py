@@ -85,7 +85,7 @@ def resolve(loss: str, backend: str, x: torch.Tensor) -> str:
 @torch.compiler.assume_constant_result
 def _resolve(loss: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
     name = _concrete(loss, backend, device_type, dtype)
-    if name != "reference":
+    if name != "reference" and _has_impl(loss, name):
         from . import _ops
 
         _ops.ops(loss, name)

@@ -104,12 +104,9 @@ def _first_order_only(ctx, *grads):
     raise RuntimeError(FIRST_ORDER_ONLY)
 
 
-def _empty(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    return like.new_empty((0,), dtype=dtype or compute_dtype(like))
-
-
-def _or_empty(t: Optional[Tensor], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    return _empty(like, dtype) if t is None else t
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """t, or the empty placeholder of an output this configuration does not produce."""
+    return like.new_empty((0,), dtype=compute_dtype(like)) if t is None else t
 
 
 def _vec(like: Tensor, length, present: bool = True) -> Tensor:

@@ -70,7 +70,7 @@ from ._validation import (
 )
 
 KD_KINDS = ("kl", "ce")
-# The eight differentiable statistics, in the order _DistillStats returns them, then the teacher's.
+# The eight differentiable statistics, in the order distill_stats returns them, then the teacher's.
 GRADIENT_STATS = ("row_lse", "col_lse", "row_pos", "col_pos",
                   "student_row_lse", "student_col_lse", "row_cross", "col_cross")
 TEACHER_STATS = ("teacher_row_lse", "teacher_col_lse")
