@@ -27,9 +27,9 @@ PathLike = Union[str, os.PathLike]
 # Settings that change the training trajectory: a resumed run must use the checkpoint's values.
 TRAJECTORY_KEYS = ("model", "pretrained", "loss", "train_data", "dataset_type", "train_size", "caption",
                    "batch_size", "seed", "lr", "weight_decay", "warmup", "beta1", "beta2", "eps", "grad_clip",
-                   "train_num_samples", "dataset_resampled", "epochs", "lr_scheduler", "epochs_cooldown", "lr_cooldown_power",
-                   "lr_cooldown_end", "lock_image", "lock_text", "local_loss", "gather_with_grad", "siglip_dist_impl",
-                   "precision", "omit", "perturb", "clipc_rate", "clipin", "lambda_inter", "lambda_intra",
+                   "train_num_samples", "dataset_resampled", "epochs", "lr_scheduler", "epochs_cooldown",
+                   "lr_cooldown_power", "lr_cooldown_end", "lock_image", "lock_text", "local_loss", "gather_with_grad",
+                   "siglip_dist_impl", "precision", "omit", "perturb", "clipc_rate", "clipin", "lambda_inter", "lambda_intra",
                    "ema_momentum", "view_flip", "teacher", "distill_margin", "distill_weight", "distill_kd",
                    "false_negative_threshold")
 

@@ -318,7 +318,8 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         _, (loss, terms) = grad_cache_step(
             self.encoders, [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size, joint=self._encode_both,
-            no_sync=self.ddp.no_sync if world > 1 else None, trainable=[not self.cfg.lock_image, not self.cfg.lock_text])
+            no_sync=self.ddp.no_sync if world > 1 else None,
+            trainable=[not self.cfg.lock_image, not self.cfg.lock_text])
         average_scales(self.model, self.runtime)
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -447,7 +448,8 @@ def check_chunking(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime) -
     per_rank = cfg.batch_size // runtime.world_size
     if cfg.chunk_size is None or cfg.chunk_size >= per_rank:
         return
-    norms = [name for name, module in model.named_modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
     if norms:
         raise UsageError(f"--chunk-size {cfg.chunk_size}: {cfg.model} has BatchNorm layers ({norms[0]}, ... "
                          f"{len(norms)} in all), whose batch statistics differ per chunk, so gradient caching would "
