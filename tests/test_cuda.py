@@ -633,7 +633,7 @@ def test_siglip_matches_float64_reference(small_blocks, dtype, shape, mode):
 
 @needs_gpu
 def test_tf32_products_when_torch_allows_them(small_blocks, monkeypatch):
-    """allow_tf32 routes fp32 through TF32 tensor cores: SPEC's tf32 tolerance, and not IEEE-exact."""
+    """allow_tf32 routes fp32 through TF32 tensor cores: the tf32 tolerance, and not IEEE-exact."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     a, b = features(200, 72, seed=1), features(200, 72, seed=2)
     scale = torch.tensor(20.0, device=DEVICE)
