@@ -51,8 +51,8 @@ def cuda_extension_available() -> bool:
     return cuda_library_error() is None
 
 
-def _auto(loss: str, x: torch.Tensor) -> str:
-    if x.device.type != "cuda" or x.dtype == torch.float64:
+def _auto(loss: str, device_type: str, dtype: torch.dtype) -> str:
+    if device_type != "cuda" or dtype == torch.float64:
         return "torch"
     if triton_available() and _has_impl(loss, "triton"):
         return "triton"
@@ -71,14 +71,35 @@ def _has_impl(loss: str, backend: str) -> bool:
 
 
 def resolve(loss: str, backend: str, x: torch.Tensor) -> str:
-    """The concrete backend name for `loss` on tensors like `x` (raises if unusable)."""
+    """The concrete backend name for `loss` on tensors like `x` (raises if unusable).
+
+    For a fused backend its torch.library operators are registered here (pyclipfast/_ops.py).
+    torch.compile runs this once per graph, outside it (it depends only on the device type and
+    dtype, which the graph's guards cover), so imports and registration never break a graph.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    return _resolve(loss, backend, x.device.type, x.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(loss: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
+    name = _concrete(loss, backend, device_type, dtype)
+    if name != "reference" and _has_impl(loss, name):
+        from . import _ops
+
+        _ops.ops(loss, name)
+    return name
+
+
+def _concrete(loss: str, backend: str, device_type: str, dtype: torch.dtype) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend == "auto":
-        return _auto(loss, x)
+        return _auto(loss, device_type, dtype)
     if backend in ("reference", "torch"):
         return backend
-    if x.dtype == torch.float64:
+    if dtype == torch.float64:
         raise TypeError(
             f"backend={backend!r} supports float16, bfloat16 and float32 features, got float64; "
             "use backend='torch' (chunked) or 'reference' for float64"
@@ -86,16 +107,16 @@ def resolve(loss: str, backend: str, x: torch.Tensor) -> str:
     if backend == "triton":
         if not triton_available():
             raise ValueError("backend='triton' needs the triton package (pip install triton)")
-        if x.device.type != "cuda" and not triton_interpreting():
+        if device_type != "cuda" and not triton_interpreting():
             raise ValueError(
-                f"backend='triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+                f"backend='triton' needs CUDA tensors (got {device_type}); set TRITON_INTERPRET=1 "
                 "before importing triton to run the kernels on the CPU interpreter"
             )
     if backend == "cuda":
-        if x.device.type != "cuda":
+        if device_type != "cuda":
             if not torch.cuda.is_available():
-                raise ValueError(f"backend='cuda' needs a CUDA GPU and none is present (the tensors are on {x.device})")
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got {x.device}")
+                raise ValueError(f"backend='cuda' needs a CUDA GPU and none is present (the tensors are on {device_type})")
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device_type}")
         if not cuda_extension_available():
             raise ValueError(f"backend='cuda' cannot run: {cuda_library_error()}")
     if not _has_impl(loss, backend):

@@ -1,10 +1,12 @@
-"""Argument checks shared by every loss (SPEC §7).
+"""Argument checks shared by every loss.
 
 Metadata checks (shape, rank, dtype, device, options) always run and cost no
 device sync. Data checks (non-finite values, scale <= 0, rows without a
-positive) always run on CPU tensors; on GPU tensors only when validation is on
-(`set_validation(True)` or ``PYCLIPFAST_VALIDATE=1``), because each one is a
-host sync.
+positive) run by default on CPU tensors and, because each one is a host sync,
+on GPU tensors only when validation is on (`set_validation(True)` or
+``PYCLIPFAST_VALIDATE=1``); `set_validation(False)` turns them off for CPU
+tensors too. Inside a graph torch.compile is tracing they never run (they would
+break the graph): a non-finite input then propagates to a NaN loss.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ _validation_on: Optional[bool] = None
 
 
 def set_validation(enabled: bool) -> None:
-    """Switch the data checks on GPU tensors on or off (they always run on CPU)."""
+    """Switch the data checks on (CPU and GPU tensors) or off (CPU tensors too).
+
+    Without a call, they run on CPU tensors and, with ``PYCLIPFAST_VALIDATE=1``, on GPU tensors.
+    Never inside a torch.compile'd graph."""
     global _validation_on
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
@@ -28,13 +33,19 @@ def set_validation(enabled: bool) -> None:
 
 
 def validation_enabled() -> bool:
+    """Whether data checks run on GPU tensors (set_validation, else PYCLIPFAST_VALIDATE)."""
     if _validation_on is not None:
         return _validation_on
     return os.environ.get("PYCLIPFAST_VALIDATE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def data_checks_on(t: torch.Tensor) -> bool:
-    """True when data checks (which sync with the device) should run for tensors like `t`."""
+    """True when data checks (which sync with the device) should run for tensors like `t`:
+    never while torch.compile traces a graph; else as `set_validation` says, by default on CPU."""
+    if torch.compiler.is_compiling():
+        return False
+    if _validation_on is not None:
+        return _validation_on
     return t.device.type == "cpu" or validation_enabled()
 
 
@@ -72,7 +83,10 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 
 
 def as_scale(name: str, value: ScaleLike, like: torch.Tensor, *, positive: bool = True) -> torch.Tensor:
-    """A 0-dim tensor on `like`'s device; Python numbers are wrapped (no gradient)."""
+    """A 0-dim tensor on `like`'s device; Python numbers are wrapped (no gradient).
+
+    A number becomes a device fill (torch.full), not a host-to-device copy, so the call stays
+    free of host syncs and capturable in a CUDA graph."""
     if isinstance(value, bool) or not isinstance(value, (torch.Tensor, float, int)):
         raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
@@ -85,7 +99,7 @@ def as_scale(name: str, value: ScaleLike, like: torch.Tensor, *, positive: bool 
         t = value.reshape(())
     else:
         dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-        t = torch.tensor(float(value), dtype=dtype, device=like.device)
+        t = torch.full((), float(value), dtype=dtype, device=like.device)
     if data_checks_on(t):
         v = float(t.detach())
         if v != v or v in (float("inf"), float("-inf")):

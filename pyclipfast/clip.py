@@ -1,11 +1,11 @@
-"""Bidirectional temperature-scaled InfoNCE (the CLIP loss), SPEC §1.
+"""Bidirectional temperature-scaled InfoNCE (the CLIP loss).
 
     S_ij = s·⟨A_i, B_j⟩ + b
     r_i  = logsumexp_j S_ij,   c_j = logsumexp_i S_ij
     L    = 1/(2N) Σ_i (r_i − mean_{j∈P(i)} S_ij) + 1/(2M) Σ_j (c_j − mean_{i∈Q(j)} S_ij)
 
-The fused part is `_ClipStats`: an autograd Function that returns the four
-O(N+M) vectors (row/column log-sum-exp and row/column sums of positive logits)
+The fused part is `clip_stats`, a torch.library operator per backend
+(pyclipfast/_ops.py) with registered autograd, that returns the four O(N+M) vectors (row/column log-sum-exp and row/column sums of positive logits)
 without ever storing the N×M matrix. Everything after it (positive counts,
 reduction, one direction or two) is ordinary autograd on vectors. The bias b
 cancels between the log-sum-exp and the positive term, so it never enters a
@@ -18,38 +18,21 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._dispatch import implementation, resolve
+from ._dispatch import resolve
+from ._ops import distinct, ops, run
 from ._validation import (
     ScaleLike, as_scale, check_features, check_finite, check_has_positive, check_ids, check_option,
     positive_counts,
 )
 
 
-class _ClipStats(torch.autograd.Function):
-    """(A, B, s) -> (row_lse, col_lse, row_pos, col_pos); backward recomputes the tiles."""
-
-    @staticmethod
-    def forward(ctx, a, b, scale, row_ids, col_ids, bidirectional: bool, backend: str):
-        impl = implementation("clip", backend)
-        with torch.autocast(a.device.type, enabled=False):
-            row_lse, col_lse, row_pos, col_pos = impl.clip_forward(a, b, scale, row_ids, col_ids, bidirectional)
-        ctx.impl = impl
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(a, b, scale, row_ids, col_ids, row_lse, col_lse)
-        return row_lse, col_lse, row_pos, col_pos
-
-    @staticmethod
-    def backward(ctx, g_row, g_col, g_row_pos, g_col_pos):
-        a, b, scale, row_ids, col_ids, row_lse, col_lse = ctx.saved_tensors
-        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
-        with torch.autocast(a.device.type, enabled=False):
-            da, db, dscale = ctx.impl.clip_backward(
-                a, b, scale, row_ids, col_ids, row_lse, col_lse, g_row, g_col, g_row_pos, g_col_pos,
-                need_a=need_a, need_b=need_b, need_scale=need_scale,
-            )
-        if dscale is not None:
-            dscale = dscale.to(scale.dtype).reshape(scale.shape)
-        return da, db, dscale, None, None, None, None
+def clip_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: Optional[torch.Tensor],
+               col_ids: Optional[torch.Tensor], bidirectional: bool, backend: str) -> tuple:
+    """(row_lse, col_lse, row_pos, col_pos), the columns None when one-directional: the fused
+    operator ``pyclipfast::clip_forward_<backend>``, whose backward recomputes the tiles."""
+    row_lse, col_lse, row_pos, col_pos = run(ops("clip", backend), a, b, scale, row_ids, distinct(row_ids, col_ids),
+                                             bidirectional)
+    return (row_lse, col_lse, row_pos, col_pos) if bidirectional else (row_lse, None, row_pos, None)
 
 
 def clip_loss(
@@ -74,7 +57,7 @@ def clip_loss(
         logit_bias: optional scalar bias; it cancels in the softmax, so its gradient is zero.
         image_ids, text_ids: optional integer ids (N,) and (M,); (i, j) is a positive pair iff the
             ids are equal (several captions per image, duplicates). Default: the diagonal (N == M).
-        reduction: "mean" (SPEC §1), "sum" (½ Σ rows + ½ Σ columns), or "none" (per index
+        reduction: "mean" (the formula above), "sum" (½ Σ rows + ½ Σ columns), or "none" (per index
             ½(row_i + col_i), needs N == M; rows only when one-directional).
         bidirectional: False gives the rows-only (image→text) loss mean_i (r_i − mean_{P(i)} S_ij),
             the form open_clip's ``local_loss`` uses per direction.
@@ -82,6 +65,12 @@ def clip_loss(
 
     Returns:
         The loss, float32 (float64 for float64 features).
+
+    Data checks (non-finite features or scale, scale <= 0, a row without a positive) run in
+    eager mode on CPU tensors unless ``set_validation(False)``; inside a torch.compile'd graph
+    they are skipped and a non-finite input gives a NaN loss. Works in
+    ``torch.compile(fullgraph=True)``, torch.func (grad, vjp) and CUDA graphs; first-order
+    gradients only.
     """
     check_features("image_features", image_features)
     check_features("text_features", text_features, like=image_features, like_name="image_features")
@@ -109,7 +98,7 @@ def clip_loss(
         return reference.clip_loss(image_features, text_features, scale, bias, image_ids=image_ids,
                                    text_ids=text_ids, reduction=reduction, bidirectional=bidirectional)
 
-    row_lse, col_lse, row_pos, col_pos = _ClipStats.apply(
+    row_lse, col_lse, row_pos, col_pos = clip_stats(
         image_features, text_features, scale, image_ids, text_ids, bidirectional, name)
     rows = row_lse - (row_pos if row_count is None else row_pos / row_count)
     if bidirectional:

@@ -1,4 +1,4 @@
-"""Non-contrastive cosine loss (CLIPin's path), SPEC §4.
+"""Non-contrastive cosine loss (CLIPin's path).
 
     L = (1/N) Σ_i (2 − 2·cos(p_i, z_i)),   cos(p, z) = ⟨p, z⟩ / (max(‖p‖, ε)·max(‖z‖, ε))
     dL/dp_i = −(2g/N)·(z_i / (n_p n_z) − cos_i·p_i / (n_p‖p_i‖)),   n_p = max(‖p_i‖, ε), n_z = max(‖z_i‖, ε)
@@ -6,35 +6,19 @@
 which is −(2g/N)/‖p_i‖·(ẑ_i − cos_i·p̂_i) away from zero vectors, and F.cosine_similarity's
 gradient everywhere (ε = 1e-8; a zero p_i gives cos_i = 0 and the second term 0). The
 target z is a stop-gradient by default; with target_grad the symmetric gradient flows to
-z too. Memory-bound: the fast backends read p and z once and write the gradients in the
-same pass (kept for the backward, which only scales them by g).
+z too. Memory-bound: the fused operator ``pyclipfast::cosine_<backend>`` (pyclipfast/_ops.py)
+reads p and z once and writes the gradients in the same pass (kept for the backward,
+which only scales them by g), and only those autograd will ask for: none under
+``torch.no_grad()`` or for an input that does not require grad.
 """
 from __future__ import annotations
 
 import torch
 
 from . import reference
-from ._dispatch import implementation, resolve
+from ._dispatch import resolve
+from ._ops import ops, run
 from ._validation import check_features, check_finite
-
-
-class _Cosine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, online, target, backend: str):
-        impl = implementation("cosine", backend)
-        need_online, need_target = ctx.needs_input_grad[:2]
-        n = online.shape[0]
-        with torch.autocast(online.device.type, enabled=False):
-            cos, d_online, d_target = impl.cosine_forward(online, target, grad_scale=-2.0 / n,
-                                                          need_online=need_online, need_target=need_target)
-        ctx.grads = d_online, d_target
-        return 2 - 2 * cos.mean()
-
-    @staticmethod
-    def backward(ctx, g):
-        d_online, d_target = ctx.grads
-        return (None if d_online is None else d_online * g.to(d_online.dtype),
-                None if d_target is None else d_target * g.to(d_target.dtype), None)
 
 
 def cosine_loss(online: torch.Tensor, target: torch.Tensor, *, target_grad: bool = False,
@@ -50,6 +34,10 @@ def cosine_loss(online: torch.Tensor, target: torch.Tensor, *, target_grad: bool
     Returns:
         The loss, float32 (float64 for float64 inputs). Zero vectors are clamped like
         F.cosine_similarity (ε = 1e-8), not an error.
+
+    Non-finite inputs raise in eager mode on CPU tensors unless ``set_validation(False)``;
+    inside a torch.compile'd graph the check is skipped and they give a NaN loss. Works in
+    ``torch.compile(fullgraph=True)``, torch.func and CUDA graphs; first-order gradients only.
     """
     check_features("online", online)
     check_features("target", target, like=online, like_name="online")
@@ -62,4 +50,6 @@ def cosine_loss(online: torch.Tensor, target: torch.Tensor, *, target_grad: bool
     check_finite("target", target)
     if name == "reference":
         return reference.cosine_loss(online, target, target_grad=target_grad)
-    return _Cosine.apply(online, target if target_grad else target.detach(), name)
+    target = target if target_grad else target.detach()
+    need = [torch.is_grad_enabled() and x.requires_grad for x in (online, target)]
+    return run(ops("cosine", name), online, target, *need)[0]

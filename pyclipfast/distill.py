@@ -1,4 +1,4 @@
-"""Soft-label distillation with adaptive angular margin (KDMCSE's AdapACSE), SPEC §3.
+"""Soft-label distillation with adaptive angular margin (KDMCSE's AdapACSE).
 
 Student features A (N×D), B (M×D); frozen teacher features Tᵃ (N×Dt), Tᵇ (M×Dt);
 student scale s, teacher scale t, margin m ≥ 0, optional false-negative threshold φ:
@@ -6,13 +6,13 @@ student scale s, teacher scale t, margin m ≥ 0, optional false-negative thresh
     c_ij = ⟨Â_i, B̂_j⟩,   α_ij = ⟨T̂ᵃ_i, T̂ᵇ_j⟩,   θ_ij = arccos(clamp(c_ij, −1+ε, 1−ε)),   μ_ij = m·(1 − α_ij)
     ψ_ij = c_ij on positives,  cos(max(θ_ij − μ_ij, 0)) on negatives
     Z_ij = s·ψ_ij  (−∞ on negatives with α_ij > φ),   U_ij = s·c_ij,   V_ij = t·α_ij
-    L_ce = bidirectional InfoNCE of Z (SPEC §1, with ids)
+    L_ce = bidirectional InfoNCE of Z (as in pyclipfast/clip.py, with ids)
     L_kd = ½ [mean_i KL(softmax_j V_i· ‖ softmax_j U_i·) + mean_j KL(softmax_i V_·j ‖ softmax_i U_·j)]
     returns (L_ce, λ·L_kd)
 
 Derivation. Everything the loss needs is a handful of O(N + M) statistics of
-the three N×M matrices, which `_DistillStats` (the fused part) returns without
-storing any of them. Per row i, with p = softmax_j V_i· (teacher) and
+the three N×M matrices, which `distill_stats` (the fused part, a torch.library
+operator per backend) returns without storing any of them. Per row i, with p = softmax_j V_i· (teacher) and
 q = softmax_j U_i· (student):
 
     row_lse_i         = logsumexp_j Z_ij            row_pos_i   = Σ_j pos_ij Z_ij
@@ -62,17 +62,20 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._dispatch import implementation, resolve
+from ._dispatch import resolve
+from ._ops import distinct, ops, run
 from ._validation import (
     ScaleLike, as_scale, check_features, check_finite, check_has_positive, check_ids, check_option,
     positive_counts,
 )
 
 KD_KINDS = ("kl", "ce")
-# The eight differentiable statistics, in the order _DistillStats returns them, then the teacher's.
+# The eight differentiable statistics, in the order distill_stats returns them, then the teacher's.
 GRADIENT_STATS = ("row_lse", "col_lse", "row_pos", "col_pos",
                   "student_row_lse", "student_col_lse", "row_cross", "col_cross")
 TEACHER_STATS = ("teacher_row_lse", "teacher_col_lse")
+# The statistics only the KD term needs (not computed when λ = 0).
+KD_STATS = frozenset(GRADIENT_STATS[4:] + TEACHER_STATS)
 # The log-sum-exps the backward sweep needs to rebuild the softmaxes tile by tile.
 LSE_STATS = ("row_lse", "col_lse", "student_row_lse", "student_col_lse", "teacher_row_lse", "teacher_col_lse")
 
@@ -95,34 +98,15 @@ class DistillOptions(NamedTuple):
         return self.margin == 0 and self.threshold is None
 
 
-class _DistillStats(torch.autograd.Function):
-    """(A, B, s, Tᵃ, Tᵇ, t) -> GRADIENT_STATS + TEACHER_STATS; backward recomputes the tiles."""
-
-    @staticmethod
-    def forward(ctx, a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: DistillOptions, backend: str):
-        impl = implementation("distill", backend)
-        with torch.autocast(a.device.type, enabled=False):
-            stats = impl.distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts)
-        ctx.impl, ctx.opts = impl, opts
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids,
-                              *(stats.get(k) for k in LSE_STATS))
-        ctx.mark_non_differentiable(*(stats[k] for k in TEACHER_STATS if k in stats))
-        return tuple(stats.get(k) for k in GRADIENT_STATS + TEACHER_STATS)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, *lse = ctx.saved_tensors
-        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
-        with torch.autocast(a.device.type, enabled=False):
-            da, db, dscale = ctx.impl.distill_backward(
-                a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, ctx.opts,
-                dict(zip(LSE_STATS, lse)), dict(zip(GRADIENT_STATS, grads)),
-                need_a=need_a, need_b=need_b, need_scale=need_scale,
-            )
-        if dscale is not None:
-            dscale = dscale.to(scale.dtype).reshape(scale.shape)
-        return da, db, dscale, None, None, None, None, None, None, None
+def distill_stats(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: DistillOptions, backend: str) -> tuple:
+    """GRADIENT_STATS + TEACHER_STATS (the KD ones None without KD): the fused operator
+    ``pyclipfast::distill_forward_<backend>`` (pyclipfast/_ops.py), whose backward recomputes the
+    tiles. The teacher statistics get no gradient, nor do the teacher features."""
+    stats = run(ops("distill", backend), a, b, scale, ta, tb, teacher_scale, row_ids, distinct(row_ids, col_ids),
+                opts.margin, opts.threshold, opts.kd)
+    if opts.kd is None:
+        return tuple(None if k in KD_STATS else x for k, x in zip(GRADIENT_STATS + TEACHER_STATS, stats))
+    return tuple(stats)
 
 
 def distill_loss(
@@ -164,6 +148,11 @@ def distill_loss(
     Returns:
         (contrastive_loss, distill_loss) = (L_ce, λ·L_kd), float32 (float64 for float64 features);
         their sum is the training objective.
+
+    Data checks (non-finite student or teacher features or scales, scale <= 0, a row without a
+    positive) run in eager mode on CPU tensors unless ``set_validation(False)``; inside a
+    torch.compile'd graph they are skipped and a non-finite input gives a NaN loss. Works in
+    ``torch.compile(fullgraph=True)``, torch.func and CUDA graphs; first-order gradients only.
     """
     check_features("image_features", image_features)
     check_features("text_features", text_features, like=image_features, like_name="image_features")
@@ -201,7 +190,7 @@ def distill_loss(
     if normalize:
         a, b, ta, tb = (_unit(x) for x in (a, b, ta, tb))
     stats = dict(zip(GRADIENT_STATS + TEACHER_STATS,
-                     _DistillStats.apply(a, b, scale, ta, tb, teacher_scale, image_ids, text_ids, opts, name)))
+                     distill_stats(a, b, scale, ta, tb, teacher_scale, image_ids, text_ids, opts, name)))
     contrastive = 0.5 * (_mean_ce(stats["row_lse"], stats["row_pos"], row_count)
                          + _mean_ce(stats["col_lse"], stats["col_pos"], col_count))
     if opts.kd is None:

@@ -62,7 +62,7 @@ from . import clip as _clip
 from . import reference
 from . import siglip as _siglip
 from ._dispatch import resolve
-from .distill import GRADIENT_STATS, TEACHER_STATS, DistillOptions, _DistillStats
+from .distill import GRADIENT_STATS, TEACHER_STATS, DistillOptions, distill_stats
 from ._validation import (
     ScaleLike, as_scale, check_features, check_has_positive, check_ids, data_checks_on, positive_counts,
 )
@@ -419,7 +419,7 @@ def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids:
     """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1).
     Without ids the positive sums are not used (the caller forms them)."""
     if backend != "reference":
-        return _clip._ClipStats.apply(a, b, scale, row_ids, col_ids, True, backend)
+        return _clip.clip_stats(a, b, scale, row_ids, col_ids, True, backend)
     logits = reference.logits(a, b, scale)
     if row_ids is None:
         return logits.logsumexp(1), logits.logsumexp(0), None, None
@@ -700,7 +700,7 @@ def _distill_block_stats(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, b
     its teacher t·Tᵃ_r·Tᵇ_allᵀ and the given positives: one fused sweep, or materialised for
     backend="reference"."""
     if backend != "reference":
-        return dict(zip(GRADIENT_STATS + TEACHER_STATS, _DistillStats.apply(
+        return dict(zip(GRADIENT_STATS + TEACHER_STATS, distill_stats(
             a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, DistillOptions(margin=0.0, threshold=None, kd="ce"),
             backend)))
     student, teacher = reference.logits(a, b, scale), reference.logits(ta, tb, teacher_scale)

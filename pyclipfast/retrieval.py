@@ -1,4 +1,4 @@
-"""Retrieval recall@K without the Nq×Ng score matrix, SPEC §5.
+"""Retrieval recall@K without the Nq×Ng score matrix.
 
     S_ij   = ⟨Q_i, G_j⟩
     best_i = max_{j ∈ P(i)} S_ij                     (P(i): gallery items with query i's id)
@@ -10,22 +10,23 @@ first takes best_i from the positives' tiles, the second counts, per query, the
 negatives scoring strictly above it (positives are left out). Ties count in the
 query's favour, exactly: a negative equal to the best positive (a duplicate
 caption) rounds alike and is not counted. O(Nq·Ng·D) work, O(Nq + Ng) memory.
-Unvalidated, a non-finite query or gallery item makes every R@K NaN (SPEC §7).
+Unvalidated, a non-finite query or gallery item makes every R@K NaN.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Union
 
 import torch
 
 from . import reference
-from ._dispatch import implementation, resolve
+from ._dispatch import resolve
+from ._ops import ops
 from ._validation import check_features, check_finite, check_ids, positive_counts
 
 
 def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] = (1, 5, 10), *,
                 query_ids: Optional[torch.Tensor] = None, gallery_ids: Optional[torch.Tensor] = None,
-                backend: str = "auto") -> Dict[str, float]:
+                backend: str = "auto") -> Dict[str, Union[float, torch.Tensor]]:
     """Recall@K of retrieving gallery items (Ng×D) for queries (Nq×D) by dot product.
 
     Args:
@@ -42,6 +43,9 @@ def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] 
         ``{"R@1": r1, "R@5": r5, ...}``, one Python float per K in the order given: the
         fraction of queries whose best positive is among the top K (open_clip's retrieval
         metrics ``image_to_text_R@1`` etc. use the same names and definition). No gradients.
+        Inside a torch.compile'd graph the values are 0-dim float32 tensors instead (a Python
+        float would need a host sync), and the data checks are skipped: a query without a
+        positive then counts as a miss.
 
     Raises:
         ValueError naming the first query that has no positive in the gallery.
@@ -53,14 +57,19 @@ def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] 
     name = resolve("retrieval", backend, queries)
     check_finite("queries", queries)
     check_finite("gallery", gallery)
-    if query_ids is not None:
+    if query_ids is not None and not torch.compiler.is_compiling():
         _check_every_query_has_a_positive(query_ids, gallery_ids)
-    if not (bool(torch.isfinite(queries).all()) and bool(torch.isfinite(gallery).all())):
-        return {f"R@{k}": float("nan") for k in ks}  # reached only with the data checks off
     if name == "reference":
+        if not (bool(torch.isfinite(queries).all()) and bool(torch.isfinite(gallery).all())):
+            return {f"R@{k}": float("nan") for k in ks}  # reached only with the data checks off
         return reference.recall_at_k(queries, gallery, ks, query_ids=query_ids, gallery_ids=gallery_ids)
     with torch.no_grad():
-        rank = implementation("retrieval", name).count_above(queries, gallery, query_ids, gallery_ids)
+        rank = ops("retrieval", name)["count"](queries, gallery, query_ids, gallery_ids)
+        finite = torch.isfinite(queries).all() & torch.isfinite(gallery).all()
+    if torch.compiler.is_compiling():
+        return {f"R@{k}": torch.where(finite, (rank < k).float().mean(), float("nan")) for k in ks}
+    if not bool(finite):
+        return {f"R@{k}": float("nan") for k in ks}  # reached only with the data checks off
     return {f"R@{k}": int((rank < k).sum()) / rank.shape[0] for k in ks}
 
 
@@ -80,7 +89,8 @@ def _check_ks(ks) -> tuple:
 
 
 def _check_every_query_has_a_positive(query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> None:
-    """Always checked (recall_at_k returns Python floats, so it synchronises anyway)."""
+    """Checked in eager mode on every device (recall_at_k returns Python floats, so it
+    synchronises anyway); skipped inside a torch.compile'd graph."""
     missing = (positive_counts(query_ids, gallery_ids) == 0).nonzero()
     if missing.numel():
         raise ValueError(f"query {int(missing[0, 0])} has no positive in the gallery (no gallery item with its "

@@ -1,11 +1,14 @@
-"""Sigmoid (SigLIP) loss, SPEC §2.
+"""Sigmoid (SigLIP) loss.
 
     S_ij = s·⟨A_i, B_j⟩ + b,   y_ij = +1 if (i, j) is positive else −1
     L    = −(1/N) Σ_ij log σ(y_ij S_ij)          (open_clip's normalisation)
     G_ij = −g/N · y_ij · σ(−y_ij S_ij)
 
-There is no normalising statistic, so `_SigLip` produces the gradients in the
-same sweep as the loss (6·N·M·D FLOPs) and its backward only scales them.
+There is no normalising statistic, so the fused operator
+``pyclipfast::siglip_<backend>`` (pyclipfast/_ops.py) produces the gradients in the
+same sweep as the loss (6·N·M·D FLOPs) and its backward only scales them. It
+computes only the gradients autograd will ask for: none under ``torch.no_grad()``
+or for inputs that do not require grad.
 """
 from __future__ import annotations
 
@@ -14,35 +17,9 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._dispatch import implementation, resolve
+from ._dispatch import resolve
+from ._ops import distinct, ops, run
 from ._validation import ScaleLike, as_scale, check_features, check_finite, check_ids
-
-
-class _SigLip(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, scale, bias, row_ids, col_ids, negative_only: bool, backend: str):
-        impl = implementation("siglip", backend)
-        need_a, need_b, need_scale, need_bias = ctx.needs_input_grad[:4]
-        with torch.autocast(a.device.type, enabled=False):
-            loss_sum, *grads = impl.siglip_forward(
-                a, b, scale, bias, row_ids, col_ids, negative_only, grad_scale=1.0 / a.shape[0],
-                need_a=need_a, need_b=need_b, need_scale=need_scale, need_bias=need_bias and bias is not None,
-            )
-        ctx.grads = grads
-        ctx.dtypes = (scale.dtype, None if bias is None else bias.dtype)
-        return loss_sum / a.shape[0]
-
-    @staticmethod
-    def backward(ctx, g):
-        da, db, dscale, dbias = ctx.grads
-        scale_dtype, bias_dtype = ctx.dtypes
-        return (
-            None if da is None else da * g,
-            None if db is None else db * g,
-            None if dscale is None else (dscale * g).to(scale_dtype),
-            None if dbias is None else (dbias * g).to(bias_dtype),
-            None, None, None, None,
-        )
 
 
 def siglip_loss(
@@ -70,6 +47,11 @@ def siglip_loss(
 
     Returns:
         −(1/N) Σ_ij log σ(y_ij S_ij), float32 (float64 for float64 features).
+
+    Data checks (non-finite features or scale, scale <= 0) run in eager mode on CPU tensors
+    unless ``set_validation(False)``; inside a torch.compile'd graph they are skipped and a
+    non-finite input gives a NaN loss. Works in ``torch.compile(fullgraph=True)``, torch.func
+    and CUDA graphs; first-order gradients only.
     """
     check_features("image_features", image_features)
     check_features("text_features", text_features, like=image_features, like_name="image_features")
@@ -85,4 +67,7 @@ def siglip_loss(
     if name == "reference":
         return reference.siglip_loss(image_features, text_features, scale, bias, image_ids=image_ids,
                                      text_ids=text_ids, negative_only=negative_only)
-    return _SigLip.apply(image_features, text_features, scale, bias, image_ids, text_ids, negative_only, name)
+    need = [torch.is_grad_enabled() and x is not None and x.requires_grad
+            for x in (image_features, text_features, scale, bias)]
+    return run(ops("siglip", name), image_features, text_features, scale, bias, image_ids,
+               distinct(image_ids, text_ids), negative_only, *need)[0]

@@ -1,4 +1,4 @@
-"""distill_loss and DistillClipLoss: every backend against the float64 reference (SPEC §3, §8)."""
+"""distill_loss and DistillClipLoss: every backend against the float64 reference."""
 import inspect
 
 import pytest
@@ -91,14 +91,15 @@ def check_against_reference(backend, dtype, case, wrt=ALL):
     out = run(backend, a, b, ta, tb, scale, teacher_scale, wrt, **kw)
     ref_kw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
     ref = run("reference", *as_reference(a, b, ta, tb, scale, teacher_scale), wrt, **ref_kw)
+    plain = run("reference", a, b, ta, tb, scale, teacher_scale, wrt, **kw)
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert out[0].dtype == out[1].dtype == loss_dtype
     assert all(g.dtype == (dtype if name != "scale" else loss_dtype) for name, g in zip(wrt, out[2:]))
     names = ["contrastive", "distill", *(f"d_{name}" for name in wrt)]
     if loss_opts.get("kd_weight") == 0.0:
         assert float(out[1]) == 0.0
-        out, ref, names = out[:1] + out[2:], ref[:1] + ref[2:], names[:1] + names[2:]
-    assert_close_to_reference(out, ref, dtype, names)
+        out, ref, plain, names = out[:1] + out[2:], ref[:1] + ref[2:], plain[:1] + plain[2:], names[:1] + names[2:]
+    assert_close_to_reference(out, ref, dtype, names, baseline=plain)
 
 
 @pytest.mark.parametrize("options", [

@@ -99,20 +99,16 @@ def _exercise_every_op() -> None:
 
 
 def _exercise_small_blocks() -> None:
-    """The launches the GPU tests make with the small blocking (helpers.apply_small_blocks)."""
+    """The 16×16×16 tiles of the GPU tests' small blocking (helpers.apply_small_blocks), in the
+    InfoNCE kernels (one dot per tile) and the distillation ones (two dots live at once)."""
     a, b = features(40, 24, dtype=torch.float16), features(40, 24, dtype=torch.float16)
     ta, tb = features(40, 16, dtype=torch.float16), features(40, 16, dtype=torch.float16)
     ids = torch.arange(40) // 2
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
     pcf.clip_loss(x, y, 10.0, image_ids=ids, text_ids=ids, backend="triton").backward()
     x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
-    pcf.siglip_loss(x, y, 10.0, -5.0, backend="triton").backward()
-    x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
     sum(pcf.distill_loss(x, y, ta, tb, 10.0, 20.0, margin=0.2, false_negative_threshold=0.5,
                          backend="triton")).backward()
-    p, z = features(8, 40, dtype=torch.float16).requires_grad_(), features(8, 40, dtype=torch.float16)
-    pcf.cosine_loss(p, z, backend="triton").backward()
-    pcf.recall_at_k(a, b, query_ids=ids, gallery_ids=ids, backend="triton")
 
 
 def test_every_launched_kernel_compiles_for_sm90(tmp_path, monkeypatch):

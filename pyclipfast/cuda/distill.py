@@ -1,4 +1,4 @@
-"""CUDA distillation with adaptive angular margin: fused statistics and gradient tiles (SPEC §3;
+"""CUDA distillation with adaptive angular margin: fused statistics and gradient tiles (math in pyclipfast/distill.py;
 kernels in csrc/distill/, derivation in pyclipfast/distill.py).
 
 Per tile, from the student tile c = A·Bᵀ and the teacher tile α = Tᵃ·Tᵇᵀ:
@@ -59,7 +59,8 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     f32 = dict(dtype=torch.float32, device=a.device)
     row_part = torch.empty(stats, col_groups, n, **f32)
     col_part = torch.zeros(stats, row_groups, m, **f32)
-    col_part[[Z_MAX, U_MAX, V_MAX] if kd else [Z_MAX]] = float("-inf")
+    for running_max in ([Z_MAX, U_MAX, V_MAX] if kd else [Z_MAX]):  # fills on the device: no index tensor copied
+        col_part[running_max].fill_(float("-inf"))
     _kernels.distill_forward(a, b, scalar_f32(scale), **_teacher(ta, tb, teacher_scale, opts),
                        row_ids=ids_i64(row_ids), col_ids=ids_i64(col_ids), row_part=row_part, col_part=col_part,
                        row_groups=row_groups, col_groups=col_groups, row_blocks_per_group=rb_per,

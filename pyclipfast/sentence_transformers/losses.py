@@ -98,11 +98,14 @@ class _FusedRanking:
         if self.duplicates is not None and keys is None:
             raise ValueError(f"duplicates={self.duplicates!r} needs the text keys of the inputs: call the loss "
                              "on tokenized features, not on embeddings")
-        return fused_ranking_loss(
+        loss = fused_ranking_loss(
             embeddings, scale=self.scale, normalize=self.similarity_fct is cos_sim,
             doc_to_query="doc_to_query" in self.directions, joint=self.partition_mode == "joint",
             gather=self.gather_across_devices, duplicates=self.duplicates, keys=keys,
         )
+        # Computed in float32 at least; returned in the embeddings' dtype, as sentence-transformers does
+        # (under autocast: the reduced precision its callers expect).
+        return loss.to(embeddings[0].dtype)
 
     def get_config_dict(self) -> dict[str, Any]:
         config = super().get_config_dict()

@@ -215,7 +215,7 @@ def _real_dataset(path: str, kind: str, cfg: TrainConfig, image_size: int, flag:
                                caption_key=cfg.csv_caption_key)
         training = flag == "--train-data"
         return WebDatasetCaptions(path, transform, shuffle_buffer=1_000 if training else 0, seed=cfg.seed,
-                                  split_by_node=training)
+                                  split_by_node=training, resampled=training and cfg.dataset_resampled)
     except (FileNotFoundError, ValueError, OSError) as error:
         message = str(error)
         for argument, option in (("img_key", "--csv-img-key"), ("caption_key", "--csv-caption-key")):
@@ -251,11 +251,11 @@ def build_train_data(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int, ru
     if cfg.batch_size % runtime.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
                          f"{runtime.world_size}")
-    if isinstance(dataset, WebDatasetCaptions) and len(dataset.shards) < runtime.world_size:
+    if isinstance(dataset, WebDatasetCaptions) and not dataset.resampled and len(dataset.shards) < runtime.world_size:
         # Every rank sees the same shard list and stops here with the same message: none is left waiting.
         raise UsageError(f"--train-data {cfg.train_data!r}: {len(dataset.shards)} shard(s) for {runtime.world_size} "
                          f"processes; each process reads whole shards of its own, so split the data into at least "
-                         f"{runtime.world_size} shards")
+                         f"{runtime.world_size} shards, or draw them with --dataset-resampled")
     if not isinstance(dataset, IterableDataset) and len(dataset) < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(dataset)} samples)")
     return TrainData(dataset, collate, cfg.batch_size, runtime, cfg.seed, cfg.workers, cfg.train_num_samples)

@@ -27,9 +27,9 @@ PathLike = Union[str, os.PathLike]
 # Settings that change the training trajectory: a resumed run must use the checkpoint's values.
 TRAJECTORY_KEYS = ("model", "pretrained", "loss", "train_data", "dataset_type", "train_size", "caption",
                    "batch_size", "seed", "lr", "weight_decay", "warmup", "beta1", "beta2", "eps", "grad_clip",
-                   "train_num_samples", "epochs", "lr_scheduler", "epochs_cooldown", "lr_cooldown_power",
-                   "lr_cooldown_end", "lock_image", "lock_text", "local_loss", "gather_with_grad", "siglip_dist_impl",
-                   "precision", "omit", "perturb", "clipc_rate", "clipin", "lambda_inter", "lambda_intra",
+                   "train_num_samples", "dataset_resampled", "epochs", "lr_scheduler", "epochs_cooldown",
+                   "lr_cooldown_power", "lr_cooldown_end", "lock_image", "lock_text", "local_loss", "gather_with_grad",
+                   "siglip_dist_impl", "precision", "omit", "perturb", "clipc_rate", "clipin", "lambda_inter", "lambda_intra",
                    "ema_momentum", "view_flip", "teacher", "distill_margin", "distill_weight", "distill_kd",
                    "false_negative_threshold")
 
@@ -113,9 +113,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, progress: Progress, config: dict[str, Any],
-                    modules: Optional[Mapping[str, torch.nn.Module]] = None, scaler: Any = None) -> None:
+                    modules: Optional[Mapping[str, torch.nn.Module]] = None, scaler: Any = None,
+                    rng_per_rank: Optional[list[dict[str, Any]]] = None) -> None:
     """Write a resumable checkpoint to `path` atomically (`modules`: the hooks' own parts, by name;
-    `scaler`: fp16's gradient scaler, kept when enabled)."""
+    `scaler`: fp16's gradient scaler, kept when enabled; `rng_per_rank`: every rank's generator states
+    when several processes train, each restored on its rank)."""
     state = {
         "model": model.state_dict(),
         "modules": {name: module.state_dict() for name, module in (modules or {}).items()},
@@ -127,6 +129,8 @@ def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.
     }
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
+    if rng_per_rank is not None and len(rng_per_rank) > 1:
+        state["rng_per_rank"] = rng_per_rank
     atomic_write(path, lambda file: torch.save(state, file))
 
 
@@ -174,7 +178,8 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
 
 
 def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, modules: Optional[Mapping[str, torch.nn.Module]] = None, scaler: Any = None) -> Progress:
+            scheduler: Any, modules: Optional[Mapping[str, torch.nn.Module]] = None, scaler: Any = None,
+            rank: int = 0) -> Progress:
     """Load the model, the hooks' modules, optimizer, scheduler and scaler states; set the RNGs; return the progress."""
     model.load_state_dict(state["model"])
     modules = modules or {}
@@ -188,5 +193,6 @@ def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.o
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
-    set_rng_states(state["rng"])
+    per_rank = state.get("rng_per_rank", [])
+    set_rng_states(per_rank[rank] if rank < len(per_rank) else state["rng"])
     return Progress(**state["progress"])

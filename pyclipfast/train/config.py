@@ -67,6 +67,7 @@ class TrainConfig:
     perturb: Optional[str] = None
     workers: int = 0
     train_num_samples: Optional[int] = None
+    dataset_resampled: bool = False
     # optimisation
     batch_size: int = 256
     chunk_size: Optional[int] = None
@@ -175,6 +176,8 @@ _HELP: dict[str, str] = {
     "perturb": "perturbation bias on the built-in data: replace attributes in the training captions by "
                "another value with these rates, e.g. colour=0.3",
     "workers": "DataLoader worker processes",
+    "dataset_resampled": "webdataset: every process draws shards with replacement (open_clip's resampling; "
+                         "needs --train-num-samples, and any number of shards serves any number of processes)",
     "train_num_samples": "samples in one epoch of --train-data (webdataset shards have no length: needed with "
                          "--epochs there; with a CSV or the built-in data it shortens the epoch)",
     "batch_size": "global batch size (image–caption pairs per step, over all processes)",
@@ -319,6 +322,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("epochs", "train_num_samples", "epochs_cooldown"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise UsageError(f"{_flag(name)} must be positive; got {getattr(cfg, name)}")
+    if cfg.dataset_resampled and cfg.train_num_samples is None:
+        raise UsageError("--dataset-resampled draws shards endlessly: give the epoch length with --train-num-samples")
     if cfg.save_frequency < 0:
         raise UsageError(f"--save-frequency must be >= 0; got {cfg.save_frequency}")
     if cfg.accum_freq != 1:

@@ -31,8 +31,8 @@ see every chunk twice; ViT/transformer towers (LayerNorm) are unaffected.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Union
 
 import torch
 
@@ -101,11 +101,18 @@ def backward_in_chunks(encode: Encoder, inputs: Any, chunk_size: int, grad: torc
     if len(chunks) != len(states):
         raise ValueError(f"got {len(states)} RNG states for {len(chunks)} chunks")
     for chunk, state, chunk_grad in zip(chunks, states, grad.split(chunk_size)):
-        with state.replay():
-            embeddings = encode(chunk)
-        if not embeddings.requires_grad:  # a frozen tower (e.g. LiT's locked image tower): nothing to train
+        if not _chunk_backward(encode, chunk, state, chunk_grad):
             return
-        embeddings.backward(chunk_grad.to(embeddings.dtype))
+
+
+def _chunk_backward(encode: Encoder, chunk: Any, state: RngState, grad: torch.Tensor) -> bool:
+    """Re-run one chunk under its RNG state and back-propagate `grad`; False when the output needs no gradient."""
+    with state.replay():
+        embeddings = encode(chunk)
+    if not embeddings.requires_grad:  # a frozen tower (e.g. LiT's locked image tower): nothing to train
+        return False
+    embeddings.backward(grad.to(embeddings.dtype))
+    return True
 
 
 def _split_loss(output: LossOutput) -> tuple[torch.Tensor, Any]:
@@ -118,7 +125,10 @@ def _split_loss(output: LossOutput) -> tuple[torch.Tensor, Any]:
 
 
 def grad_cache_step(encoders: Sequence[Encoder], inputs: Sequence[Any],
-                    loss_fn: Callable[..., LossOutput], chunk_size: int | None) -> tuple[torch.Tensor, Any]:
+                    loss_fn: Callable[..., LossOutput], chunk_size: int | None, *,
+                    joint: Callable[[Sequence[Any]], Sequence[torch.Tensor]] | None = None,
+                    no_sync: Callable[[], ContextManager[Any]] | None = None,
+                    trainable: Sequence[bool] | None = None) -> tuple[torch.Tensor, Any]:
     """Accumulate into `.grad` the gradient of loss_fn(*(encoders[k](inputs[k]))) in chunks.
 
     Args:
@@ -130,6 +140,13 @@ def grad_cache_step(encoders: Sequence[Encoder], inputs: Sequence[Any],
             Parameters it uses directly (the logit scale) get their gradient from it.
         chunk_size: the most inputs of one tower encoded at once. None, or a size that holds
             every tower's batch in one chunk, runs a plain forward/backward (no second pass).
+        joint: for the plain step, encode every tower in one call (one forward of a
+            DistributedDataParallel module per backward) instead of one call per encoder.
+        no_sync: a context manager factory (DistributedDataParallel.no_sync) under which every
+            backward pass but the last runs, so gradients are synchronised once, overlapping the
+            last chunk's backward.
+        trainable: per tower, whether it has parameters to train (default: all); frozen towers are
+            embedded but not re-run.
 
     Returns:
         (the loss, detached, aux). Gradients equal those of the unchunked step (the same
@@ -138,15 +155,24 @@ def grad_cache_step(encoders: Sequence[Encoder], inputs: Sequence[Any],
     """
     if len(encoders) != len(inputs):
         raise ValueError(f"got {len(encoders)} encoders for {len(inputs)} inputs")
+    trainable = [True] * len(encoders) if trainable is None else list(trainable)
     if chunk_size is None or all(len(x) <= chunk_size for x in inputs):
-        loss, aux = _split_loss(loss_fn(*(encode(x) for encode, x in zip(encoders, inputs))))
+        features = joint(inputs) if joint is not None else [encode(x) for encode, x in zip(encoders, inputs)]
+        loss, aux = _split_loss(loss_fn(*features))
         loss.backward()
         return loss.detach(), aux
     cached = [embed_in_chunks(encode, x, chunk_size) for encode, x in zip(encoders, inputs)]
     leaves = [embeddings.requires_grad_() for embeddings, _ in cached]
-    loss, aux = _split_loss(loss_fn(*leaves))
-    loss.backward()
-    for encode, x, leaf, (_, states) in zip(encoders, inputs, leaves, cached):
-        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        backward_in_chunks(encode, x, chunk_size, grad, states)
+    jobs = []  # (encoder, chunk, RNG state, gradient slice) of every chunk to re-run
+    with (no_sync or nullcontext)():
+        loss, aux = _split_loss(loss_fn(*leaves))
+        loss.backward()
+        for encode, x, leaf, (_, states), train in zip(encoders, inputs, leaves, cached, trainable):
+            if train:
+                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                jobs += zip([encode] * len(states), _chunks(x, chunk_size), states, grad.split(chunk_size))
+        for job in jobs[:-1]:
+            _chunk_backward(*job)
+    if jobs:
+        _chunk_backward(*jobs[-1])  # outside no_sync: this backward synchronises the gradients
     return loss.detach(), aux

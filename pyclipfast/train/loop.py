@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from collections.abc import Callable, Iterable
 import dataclasses
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import pyclipfast
@@ -41,7 +43,8 @@ from .batches import (
     trim_to_common_size,
 )
 from .checkpoint import (
-    WEIGHTS_NAME, Progress, atomic_write, check_compatible, export_weights, load_checkpoint, restore, save_checkpoint,
+    WEIGHTS_NAME, Progress, atomic_write, check_compatible, export_weights, load_checkpoint, restore, rng_states,
+    save_checkpoint,
 )
 from .config import TrainConfig, UsageError, caption_choice, check_config, with_method_defaults
 from .evaluate import PairRetrievalEvaluation, SyntheticEvaluation, autocast_context, evaluate
@@ -53,7 +56,7 @@ from .metrics import MetricsLog, plot_metrics
 from .model import create_model, create_tokenizer, image_size, model_config, resolve_model_name
 from .runtime import (
     Runtime, all_gather_with_grad, all_reduce_mean, choose_threads, gather_rows, global_term, seed_everything,
-    setup_runtime, sum_gradients, teardown_runtime,
+    average_scales, broadcast_object, distributed_towers, gather_objects, setup_runtime, teardown_runtime,
 )
 
 
@@ -155,6 +158,19 @@ def contrastive_loss(cfg: TrainConfig, runtime: Runtime) -> Callable[..., torch.
     return loss
 
 
+def encode_features(towers: torch.nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,
+                    precision: str) -> list[torch.Tensor]:
+    """L2-normalised features of `towers(**inputs)`: the towers under autocast, the normalisation after it.
+
+    CUDA autocast runs F.normalize in fp32 (CPU autocast does not), so normalising inside it would
+    hand the loss fp32 features under --precision bf16 on GPUs: twice the gather traffic and fp32
+    kernels. Outside it, the features keep the towers' output dtype on every device.
+    """
+    with autocast_context(device, precision):
+        features = towers(**inputs)
+    return [F.normalize(f, dim=-1) for f in features]
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator for the batch transform of `step`, independent of the global RNG."""
     return torch.Generator().manual_seed(seed * 1_000_003 + 7919 * step + 1)
@@ -193,7 +209,11 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg, self.batches_per_epoch))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=cfg.precision == "fp16")
         self.loss = contrastive_loss(cfg, runtime)
+        self.ddp = distributed_towers(self.model, runtime)
+        self.towers = torch.compile(self.ddp, backend=COMPILE_BACKEND) if cfg.torchcompile else self.ddp
         self.encoders = self._encoders()
+        if runtime.world_size > 1:  # dropout and other draws of the step differ per rank (the model is built alike)
+            seed_everything(cfg.seed * 1_000_003 + runtime.rank)
         self.trained_parameters = [p for module in (self.model, *self.hooks.modules.values())
                                    for p in module.parameters() if p.requires_grad]
         self.hooks_see_batch = bool(self.hooks.batch_transform or self.hooks.loss or self.hooks.loss_terms)
@@ -217,37 +237,49 @@ class _Run:
     # ------------------------------------------------------------------ resume
 
     def resume(self) -> None:
+        """Continue from --resume. Rank 0 decides and reads the checkpoint, every rank gets its content
+        (an output folder local to rank 0's node still resumes every rank, from the same state)."""
         automatic = self.cfg.resume in ("auto", "latest")  # checkpoint.pt is always the newest save
         path = self.checkpoint_path if automatic else Path(self.cfg.resume)
-        if automatic and not path.is_file():
+        found: Any = None
+        if self.runtime.is_main:
+            try:
+                found = None if automatic and not path.is_file() else load_checkpoint(path, self.runtime.device)
+                if found is not None:
+                    check_compatible(found["config"], self.cfg.to_dict())
+            except UsageError as error:  # every rank stops with rank 0's reason
+                found = error
+        found = broadcast_object(found, self.runtime)
+        if isinstance(found, UsageError):
+            raise found
+        if found is None:
             return  # nothing to resume: start afresh
-        state = load_checkpoint(path, self.runtime.device)
-        check_compatible(state["config"], self.cfg.to_dict())
-        self.progress = restore(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                modules=self.hooks.modules, scaler=self.scaler)
+        self.progress = restore(found, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                modules=self.hooks.modules, scaler=self.scaler, rank=self.runtime.rank)
         if self.progress.step > self.cfg.steps:
             raise UsageError(f"--resume: the checkpoint is at step {self.progress.step}, past --steps {self.cfg.steps}")
 
     # ------------------------------------------------------------------ one step
 
     def _encoders(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        device, precision, model = self.runtime.device, self.cfg.precision, self.model
-        encode_image, encode_text = model.encode_image, model.encode_text
-        if self.cfg.torchcompile:
-            encode_image = torch.compile(encode_image, backend=COMPILE_BACKEND)
-            encode_text = torch.compile(encode_text, backend=COMPILE_BACKEND)
+        """Per tower: (inputs) → L2-normalised features, through `self.towers` (DDP on several processes).
 
-        def images(x):
-            with autocast_context(device, precision):
-                return encode_image(x, normalize=True)
+        The towers run under autocast; the normalisation runs after it, so the features keep the
+        towers' output dtype — bf16 under --precision bf16 on CUDA as on the CPU (CUDA autocast
+        would run F.normalize in fp32) — and the loss, its gather and its kernels get bf16.
+        """
+        return [partial(self._encode, "images"), partial(self._encode, "tokens")]
 
-        def texts(t):
-            with autocast_context(device, precision):
-                return encode_text(t, normalize=True)
-        return [images, texts]
+    def _encode(self, tower: str, inputs: torch.Tensor) -> torch.Tensor:
+        return encode_features(self.towers, {tower: inputs}, self.runtime.device, self.cfg.precision)[0]
 
-    def train_step(self, batch: TokenizedBatch) -> dict[str, float]:
-        """One optimizer step on `batch` (this rank's shard); returns the loss terms and the step's lr."""
+    def _encode_both(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Both towers in one forward (one DDP forward per backward when nothing is chunked)."""
+        return encode_features(self.towers, {"images": inputs[0], "tokens": inputs[1]}, self.runtime.device,
+                               self.cfg.precision)
+
+    def train_step(self, batch: TokenizedBatch) -> tuple[dict[str, torch.Tensor], float]:
+        """One optimizer step on `batch` (this rank's shard); returns the loss terms (tensors) and the step's lr."""
         step = self.progress.step + 1
         world = self.runtime.world_size
         if world > 1 and self.csv_data:
@@ -277,12 +309,18 @@ class _Run:
                                                   batch.text_ids)}
             for term in self.hooks.loss_terms:
                 parts.update(scaled(term(context)))
-            total = sum(parts.values())  # fp16: the scaler's multiple is back-propagated, the loss is logged
-            return self.scaler.scale(total), (total.detach(), {name: value.detach() for name, value in parts.items()})
+            total = sum(parts.values())
+            # W·loss: DDP averages the ranks' gradients, each rank holds its share of the global loss's gradient.
+            # fp16: the scaler's multiple is back-propagated; the loss itself is logged.
+            backward = self.scaler.scale(total * world if world > 1 else total)
+            return backward, (total.detach(), {name: value.detach() for name, value in parts.items()})
 
         self.optimizer.zero_grad(set_to_none=True)
-        _, (loss, terms) = grad_cache_step(self.encoders, [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size)
-        sum_gradients(self.trained_parameters, self.runtime)
+        _, (loss, terms) = grad_cache_step(
+            self.encoders, [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size, joint=self._encode_both,
+            no_sync=self.ddp.no_sync if world > 1 else None,
+            trainable=[not self.cfg.lock_image, not self.cfg.lock_text])
+        average_scales(self.model, self.runtime)
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.cfg.grad_clip)
@@ -294,10 +332,8 @@ class _Run:
             self.model.logit_scale.clamp_(0, math.log(100))
         if self.hooks.after_step is not None:
             self.hooks.after_step(self.model, step)
-        values = {"loss": float(loss)}
-        values.update({f"loss/{name}": float(value) for name, value in terms.items() if len(terms) > 1})
-        values["lr"] = lr
-        return values
+        values = {"loss": loss, **{f"loss/{name}": value for name, value in terms.items() if len(terms) > 1}}
+        return values, lr  # tensors: read (a host sync) only when logged
 
     # ------------------------------------------------------------------ evaluation, saving
 
@@ -308,10 +344,11 @@ class _Run:
 
     def save(self) -> None:
         """The resumable checkpoint.pt and, beside it, the weights open_clip loads (open_clip_weights.pt)."""
+        rng = gather_objects(rng_states(), self.runtime)  # every rank's generators (per-rank dropout streams)
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict(),
-                            modules=self.hooks.modules, scaler=self.scaler)
+                            modules=self.hooks.modules, scaler=self.scaler, rng_per_rank=rng)
             export_weights(self.weights_path, self.model)
 
     def save_epoch(self, epoch: int) -> None:
@@ -411,7 +448,8 @@ def check_chunking(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime) -
     per_rank = cfg.batch_size // runtime.world_size
     if cfg.chunk_size is None or cfg.chunk_size >= per_rank:
         return
-    norms = [name for name, module in model.named_modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
     if norms:
         raise UsageError(f"--chunk-size {cfg.chunk_size}: {cfg.model} has BatchNorm layers ({norms[0]}, ... "
                          f"{len(norms)} in all), whose batch statistics differ per chunk, so gradient caching would "
@@ -528,20 +566,23 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
     stop = cfg.stop_at if cfg.stop_at is not None else cfg.steps
     bar = progress_bar(stop, run.progress.step, cfg.progress and runtime.is_main, echo)
     batches = run.batches()
+    since, steps_since = time.perf_counter(), 0  # throughput over the steps between two logs
     while run.progress.step < stop:
-        tick = time.perf_counter()
-        values = run.train_step(next(batches))
+        values, lr = run.train_step(next(batches))
         run.progress.step += 1
         run.progress.batch_in_epoch += 1
-        seconds = time.perf_counter() - tick
-        samples_per_s = all_reduce_mean(cfg.batch_size / seconds, runtime)
+        steps_since += 1
         step = run.progress.step
-        bar.set_postfix(loss=f"{values['loss']:.4f}", samples_per_s=f"{samples_per_s:.0f}", refresh=False)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == stop:
-            write({"kind": "train", "step": step, "epoch": run.progress.epoch, **values,
+        if step % cfg.log_every == 0 or step == stop:  # the only host syncs of a step: every --log-every
+            numbers = {name: float(value) for name, value in values.items()}
+            now = time.perf_counter()
+            samples_per_s = all_reduce_mean(cfg.batch_size * steps_since / (now - since), runtime)
+            since, steps_since = now, 0
+            bar.set_postfix(loss=f"{numbers['loss']:.4f}", samples_per_s=f"{samples_per_s:.0f}", refresh=False)
+            write({"kind": "train", "step": step, "epoch": run.progress.epoch, **numbers, "lr": lr,
                    "logit_scale": run.model.logit_scale.exp().item(),
                    "samples_per_s": samples_per_s, "skipped": run.data.skipped})
+        bar.update(1)
         if run.evaluations and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             run.last_eval = run.evaluate()
             write({"kind": "eval", "step": step, **run.last_eval})

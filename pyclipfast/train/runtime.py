@@ -1,16 +1,21 @@
 """Where a run executes: the device, torch.distributed (torchrun), seeding and gradient sync.
 
 Launched by torchrun (WORLD_SIZE > 1 in the environment), each process joins the default
-process group (NCCL on CUDA, gloo on CPU) and takes the GPU LOCAL_RANK. Parameter gradients
-are summed over the ranks after the backward pass (`sum_gradients`): with pyclipfast's
-distributed losses every rank holds its share of the gradient of the *global* loss, so the
-sum is the single-process gradient of the global batch.
+process group (NCCL on CUDA, gloo on CPU; with a timeout, and on CUDA bound to its device)
+and takes the GPU LOCAL_RANK. The model's two towers train inside torch's
+DistributedDataParallel (`Towers`): it broadcasts rank 0's parameters at the start and
+all-reduces the gradients, overlapped with the backward pass. DDP averages over the ranks
+while pyclipfast's distributed losses give every rank its share of the gradient of the
+*global* loss (their sum is the single-process gradient), so the trainer back-propagates
+W times the loss: the average is then the single-process gradient.
 """
 from __future__ import annotations
 
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import torch
@@ -37,10 +42,12 @@ def _env_int(name: str, default: int) -> int:
     return default if value is None else int(value)
 
 
-def setup_runtime(device: str) -> Runtime:
+def setup_runtime(device: str, timeout_minutes: float = 30.0) -> Runtime:
     """Pick the device ("auto", "cpu", "cuda") and join torch.distributed if launched by torchrun.
 
-    Raises UsageError naming --device when CUDA is asked for and absent.
+    A collective that waits longer than `timeout_minutes` (a rank that died, a save slower than
+    that) ends the job with an error instead of hanging. Raises UsageError naming --device when
+    CUDA is asked for and absent.
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
@@ -54,7 +61,8 @@ def setup_runtime(device: str) -> Runtime:
     else:
         chosen = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=timeout_minutes),
+                                device_id=chosen if use_cuda else None)
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return Runtime(chosen, rank, world_size)
 
@@ -93,21 +101,58 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def sum_gradients(parameters, runtime: Runtime) -> None:
-    """All-reduce (sum) the gradients of `parameters` over the ranks, flattened into one buffer."""
+class Towers(torch.nn.Module):
+    """A CLIP model's two encoders behind one forward: what DistributedDataParallel wraps.
+
+    DDP synchronises the gradients of what runs through its forward; the towers are called
+    apart (gradient caching encodes them in separate chunks), so forward(images=..., tokens=...)
+    runs whichever is given and returns their unnormalised features in that order.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Optional[torch.Tensor] = None,
+                tokens: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        features = []
+        if images is not None:
+            features.append(self.model.encode_image(images))
+        if tokens is not None:
+            features.append(self.model.encode_text(tokens))
+        return features
+
+
+# Parameters the loss uses directly, outside the towers' forward: DDP leaves them alone (`average_scales`).
+SCALES = ("logit_scale", "logit_bias")
+
+
+def distributed_towers(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """`Towers(model)`, inside DistributedDataParallel on several processes.
+
+    find_unused_parameters: a gradient-caching chunk runs one tower only. The logit scale and
+    bias get their gradient from the loss, outside any forward of the towers, which DDP's
+    bookkeeping cannot follow: it ignores them and `average_scales` averages their gradients.
+    """
+    towers = Towers(model)
+    if runtime.world_size == 1:
+        return towers
+    ignored = [f"model.{name}" for name, _ in model.named_parameters() if name in SCALES]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(towers, ignored)
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(towers, device_ids=device_ids, find_unused_parameters=True)
+
+
+def average_scales(model: torch.nn.Module, runtime: Runtime) -> None:
+    """Average the gradients of the logit scale and bias over the ranks (DDP averages the rest)."""
     if runtime.world_size == 1:
         return
-    params = [p for p in parameters if p.requires_grad]
-    for p in params:
-        if p.grad is None:  # unused on this rank: it still takes part in the sum
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    grads = [p.grad for name, p in model.named_parameters() if name in SCALES and p.grad is not None]
+    if grads:
+        flat = torch.stack([g.reshape(()) for g in grads])
+        dist.all_reduce(flat)
+        for grad, value in zip(grads, flat / runtime.world_size):
+            grad.fill_(value)
 
 
 def all_reduce_mean(value: float, runtime: Runtime) -> float:
@@ -134,8 +179,26 @@ def global_term(value: torch.Tensor, world_size: int) -> torch.Tensor:
     """A loss term every rank computes on the global batch, as this rank's share of it.
 
     The value stays the global value (what is logged); the gradient is 1/W of it, so that the
-    gradients summed over the ranks (features through the gather's backward, parameters by
-    `sum_gradients`) are the single-process gradient of the term.
+    gradients summed over the ranks (features through the gather's backward, parameters by DDP's
+    all-reduce of W·loss) are the single-process gradient of the term.
     """
     share = value / world_size
     return share + (value - share).detach()
+
+
+def broadcast_object(value, runtime: Runtime):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if runtime.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value, runtime: Runtime) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if runtime.world_size == 1:
+        return [value]
+    values: list = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values

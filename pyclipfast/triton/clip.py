@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .._blocks import gradient_norm, lse_partials, merge_lse_partials
 from ._tiles import (
@@ -68,7 +69,7 @@ def _clip_fwd_kernel(
             valid = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
             s = tl.where(valid, acc * scale, float("-inf"))
             # 0·S off the positives: a −∞ score (an infinite feature) leaves no trace in the
-            # log-sum-exp, so carry it into the positive sums as NaN (SPEC §7).
+            # log-sum-exp, so carry it into the positive sums as NaN.
             s_pos = tl.where(positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, POS_MODE),
                              s, 0.0 * (acc * scale))
             row_pos += tl.sum(s_pos, 1)
@@ -154,7 +155,7 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     row_groups, col_groups, rb_per, cb_per = split_groups(triton.cdiv(n, cfg.block_m), triton.cdiv(m, cfg.block_n), a)
     parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device)
     dummy = torch.empty(1, dtype=torch.float32, device=a.device)
-    _clip_fwd_kernel[(row_groups, col_groups)](
+    wrap_triton(_clip_fwd_kernel)[(row_groups, col_groups)](
         a, b, scale.detach().float().reshape(1), ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a),
         *(dummy if parts[k] is None else parts[k] for k in ("row_max", "row_sum", "row_pos", "col_max", "col_sum",
                                                              "col_pos")),
@@ -185,7 +186,7 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     def write_block(g, r0, r1, c0, c1):
         grid = block_grid(r0, r1, c0, c1, cfg)
         part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
-        _clip_grad_kernel[grid](
+        wrap_triton(_clip_grad_kernel)[grid](
             a, b, scale_f, *ids, *vecs, inv_norm, g, g.stride(0), g.stride(1), part,
             r0, r1, c0, c1, dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_G_ROW=g_row is not None, HAS_G_COL=g_col is not None,

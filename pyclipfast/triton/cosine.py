@@ -1,4 +1,4 @@
-"""Triton cosine loss (SPEC §4): cos and its gradients in one pass over p and z.
+"""Triton cosine loss (math in pyclipfast/cosine.py): cos and its gradients in one pass over p and z.
 
     n_p = max(‖p‖, ε),  n_z = max(‖z‖, ε),  cos = ⟨p, z⟩ / (n_p n_z)
     d cos/dp = z / (n_p n_z) − cos·p / (n_p‖p‖)      (second term 0 where p = 0)
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..reference import COSINE_EPS
 from ._tiles import on_input_device
@@ -106,7 +107,7 @@ def cosine_forward(online: torch.Tensor, target: torch.Tensor, grad_scale: float
     d_online = torch.empty(online.shape, dtype=online.dtype, device=online.device) if need_online else None
     d_target = torch.empty(target.shape, dtype=target.dtype, device=target.device) if need_target else None
     dummy = cos  # never written when its flag is off
-    _cosine_kernel[(triton.cdiv(n, block_m),)](
+    wrap_triton(_cosine_kernel)[(triton.cdiv(n, block_m),)](
         online, target, cos, dummy if d_online is None else d_online, dummy if d_target is None else d_target,
         grad_scale, n, dim, online.stride(0), online.stride(1), target.stride(0), target.stride(1), dim,
         NEED_P=need_online, NEED_Z=need_target, ONE_BLOCK=dim <= block_d, EPS=COSINE_EPS,

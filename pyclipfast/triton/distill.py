@@ -1,4 +1,4 @@
-"""Triton distillation with adaptive angular margin: fused statistics and gradient tiles (SPEC §3).
+"""Triton distillation with adaptive angular margin: fused statistics and gradient tiles (math in pyclipfast/distill.py).
 
 Per tile, from two score tiles (derivation in pyclipfast/distill.py):
 
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Dict
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .._blocks import gradient_norm, merge_weighted, packed_distill_vectors
 from ..reference import ANGLE_EPS
@@ -59,7 +60,7 @@ KD_CODES = {None: 0, "kl": 1, "ce": 2}
 @triton.jit
 def _angular_margin(c, alpha, margin):
     """ψ = cos(max(θ − μ, 0)) and ψ' = dψ/dc on every entry (negatives' formula), θ = arccos(clamp(c))."""
-    # NaN-propagating clamp: the GPU's fmin/fmax would turn a NaN score finite (SPEC §7).
+    # NaN-propagating clamp: the GPU's fmin/fmax would turn a NaN score finite.
     cc = tl.minimum(tl.maximum(c, -1.0 + _EPS, propagate_nan=tl.PropagateNan.ALL), 1.0 - _EPS,
                     propagate_nan=tl.PropagateNan.ALL)
     sin_theta = tl.sqrt((1.0 - cc) * (1.0 + cc))
@@ -155,7 +156,7 @@ def _distill_fwd_kernel(
             z = tl.where(valid, z, float("-inf"))
             # 0·s·(c + α) off the positives: a non-finite score or teacher score can leave no trace
             # in Z (clamped into ψ, filtered, or a −∞ dropped by the log-sum-exp): carry it into
-            # the positive sums as NaN (SPEC §7).
+            # the positive sums as NaN.
             z_on_pos = tl.where(pos, z, 0.0 * scale * (c + alpha))
             row_pos_tile = tl.sum(z_on_pos, 1)
             col_pos_tile = tl.sum(z_on_pos, 0)
@@ -292,11 +293,13 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     names = FORWARD_STATS if kd else FORWARD_STATS[:3]
     f32 = dict(dtype=torch.float32, device=a.device)
     row_part = torch.empty(len(names), col_groups, n, **f32)
-    # running maxima start at −∞, sums at 0
-    col_start = torch.tensor([float("-inf") if k.endswith("_max") else 0.0 for k in names], **f32)
-    col_part = col_start[:, None, None].repeat(1, row_groups, m)
+    # running maxima start at −∞, sums at 0 (filled on the device: no host-to-device copy)
+    col_part = torch.zeros(len(names), row_groups, m, **f32)
+    for i, k in enumerate(names):
+        if k.endswith("_max"):
+            col_part[i].fill_(float("-inf"))
     (margin, threshold), shapes = _kernel_args(a, b, ta, tb, opts)
-    _distill_fwd_kernel[(row_groups, col_groups)](
+    wrap_triton(_distill_fwd_kernel)[(row_groups, col_groups)](
         a, b, ta, tb, _scales(scale, teacher_scale), ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a),
         row_part, col_part, margin, threshold, n, m, *shapes, rb_per, cb_per, **_flags(row_ids, opts),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=dot_precision(a),
@@ -331,7 +334,7 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
     def write_block(g, r0, r1, c0, c1):
         grid = block_grid(r0, r1, c0, c1, cfg)
         part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
-        _distill_grad_kernel[grid](
+        wrap_triton(_distill_grad_kernel)[grid](
             a, b, ta, tb, scales, *ids, row_vec, col_vec, 1.0 / norm, g, g.stride(0), g.stride(1), part,
             margin, threshold, a.shape[0], b.shape[0], r0, r1, c0, c1, *shapes, **_flags(row_ids, opts),
             STORE_G=need_a or need_b,

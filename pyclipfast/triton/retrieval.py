@@ -1,4 +1,4 @@
-"""Triton retrieval ranks (SPEC §5): two sweeps over the tiles of S = Q·Gᵀ.
+"""Triton retrieval ranks (math in pyclipfast/retrieval.py): two sweeps over the tiles of S = Q·Gᵀ.
 
     best_i = max_{j ∈ P(i)} S_ij,   rank_i = #{j ∉ P(i) : S_ij > best_i}
 
@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ._tiles import (
     dot_precision, ids_or_dummy, on_input_device, parallel_target, positive_tile, score_tile, tile_config,
@@ -74,7 +75,7 @@ def count_above(queries: torch.Tensor, gallery: torch.Tensor, query_ids: Optiona
     ids = ids_or_dummy(query_ids, queries), ids_or_dummy(gallery_ids, queries)
 
     def sweep(part, best, find_best: bool):
-        _rank_kernel[(row_blocks, groups)](
+        wrap_triton(_rank_kernel)[(row_blocks, groups)](
             queries, gallery, best, *ids, part,
             nq, ng, dim, queries.stride(0), queries.stride(1), gallery.stride(0), gallery.stride(1), per_group,
             POS_MODE=0 if query_ids is None else 1, BEST=find_best,

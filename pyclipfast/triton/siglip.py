@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .._blocks import siglip_outputs
 from ._tiles import (
@@ -46,7 +47,7 @@ def _siglip_kernel(
         s += tl.load(bias_ptr).to(tl.float32)
     pos = positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, row1, col1, POS_MODE)
     z = tl.where(pos, -s, s)
-    # + 0·z: softplus(±∞) is ∞ or 0, never NaN; an infinite score must give a NaN loss (SPEC §7)
+    # + 0·z: softplus(±∞) is ∞ or 0, never NaN; an infinite score must give a NaN loss
     tl.store(loss_part_ptr + part, tl.sum(tl.sum(tl.where(valid, softplus(z) + 0.0 * z, 0.0), 1), 0))
     sig = 1.0 / (1.0 + tl.exp(-z))
     g = tl.where(valid, tl.where(pos, -sig, sig), 0.0)
@@ -75,7 +76,7 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     def write_block(g, r0, r1, c0, c1):
         grid = block_grid(r0, r1, c0, c1, cfg)
         part = torch.empty(3, grid[0] * grid[1], **f32)
-        _siglip_kernel[grid](
+        wrap_triton(_siglip_kernel)[grid](
             a, b, scale_f, bias_f, *ids, g, g.stride(0), g.stride(1), part[0], part[1], part[2],
             r0, r1, c0, c1, dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_BIAS=bias is not None, STORE_G=store_g, POS_MODE=pos_mode,

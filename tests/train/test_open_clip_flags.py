@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pyclipfast.train.loop as loop
-from pyclipfast.train import UsageError, train
+from pyclipfast.train import Hooks, UsageError, train
 from pyclipfast.train.checkpoint import load_checkpoint
 from pyclipfast.train.config import parse_args
 from pyclipfast.train.metrics import read_metrics
@@ -80,16 +80,18 @@ def test_grad_checkpointing_takes_the_same_steps(tmp_path, monkeypatch):
         assert torch.allclose(two[name], tensor, rtol=1e-4, atol=1e-6), name
 
 
-def test_torchcompile_compiles_both_encoders(tmp_path, monkeypatch):
-    """The wiring only (Inductor's C++ build takes minutes on this CPU): both towers go through torch.compile."""
-    compiled = []
+def test_torchcompile_compiles_the_towers(tmp_path, monkeypatch):
+    """The wiring only (Inductor's C++ build takes minutes on this CPU): the towers' module goes through
+    torch.compile, and the step runs through what it returns."""
+    compiled, calls = [], []
 
-    def record(function, backend):
-        compiled.append((function.__name__, backend))
-        return function
+    def record(module, backend):
+        compiled.append((type(module).__name__, backend))
+        return lambda **inputs: calls.append(sorted(inputs)) or module(**inputs)
     monkeypatch.setattr(torch, "compile", record)
-    result = train(micro(tmp_path, train_size=32, batch_size=32, steps=1, torchcompile=True))
-    assert result.step == 1 and compiled == [("encode_image", "inductor"), ("encode_text", "inductor")]
+    result = train(micro(tmp_path, train_size=32, batch_size=32, chunk_size=16, steps=1, torchcompile=True))
+    assert result.step == 1 and compiled == [("Towers", "inductor")]
+    assert ["images"] in calls and ["tokens"] in calls
 
 
 def test_lock_image_trains_the_text_tower_only(tmp_path):
@@ -135,3 +137,31 @@ def test_epochs_on_shards_need_the_sample_count(tmp_path):
     write_shards(tmp_path, shards=1, per_shard=4)
     with pytest.raises(UsageError, match="--epochs: .*--train-num-samples"):
         train(micro(tmp_path, train_data=str(tmp_path / "shard-0.tar"), batch_size=4, chunk_size=None, epochs=1))
+
+
+def test_the_loss_gets_bf16_features_under_cpu_autocast(tmp_path):
+    seen = []
+    record = Hooks(loss_terms=[lambda context: seen.append(context.image_features.dtype) or {}])
+    train(micro(tmp_path, train_size=32, batch_size=32, chunk_size=16, steps=1, precision="bf16"), record)
+    assert seen == [torch.bfloat16]
+
+
+def test_features_are_normalised_outside_autocast(monkeypatch):
+    """CUDA autocast would turn F.normalize's output to fp32: the normalisation must run after autocast
+    (checked on the CPU by where it runs; on a GPU the dtype then follows)."""
+    calls = []
+    normalize = torch.nn.functional.normalize
+    monkeypatch.setattr(torch.nn.functional, "normalize", lambda x, dim: calls.append(
+        (torch.is_autocast_enabled("cpu"), x.dtype)) or normalize(x, dim=dim))
+    towers = lambda images: [torch.nn.functional.linear(images, torch.randn(4, 6))]  # noqa: E731
+    features = loop.encode_features(towers, {"images": torch.randn(3, 6)}, torch.device("cpu"), "bf16")
+    assert calls == [(False, torch.bfloat16)] and features[0].dtype == torch.bfloat16
+    assert torch.allclose(features[0].float().norm(dim=-1), torch.ones(3), atol=1e-2)
+
+
+def test_dataset_resampled_draws_shards_endlessly(tmp_path):
+    """One shard of 4 samples, epochs of 12: resampling keeps drawing the shard."""
+    write_shards(tmp_path, shards=1, per_shard=4)
+    result = train(micro(tmp_path, train_data=str(tmp_path / "shard-0.tar"), batch_size=4, chunk_size=None, epochs=2,
+                         train_num_samples=12, dataset_resampled=True))
+    assert [r["epoch"] for r in _train_records(result)] == [0, 0, 0, 1, 1, 1]

@@ -7,9 +7,8 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from pyclipfast.train import TrainConfig, UsageError, train
+from pyclipfast.train import UsageError, train
 from pyclipfast.train.__main__ import main
 from pyclipfast.train.batches import EpochBatches
 from pyclipfast.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint

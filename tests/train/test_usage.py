@@ -134,13 +134,13 @@ def test_methods_on_two_ranks_take_the_single_process_steps(tmp_path):
 def test_open_clip_local_loss_with_gathered_gradients_on_two_ranks(tmp_path):
     """--local-loss --gather-with-grad: open_clip's ClipLoss on each rank; averaged as DDP does, the step is the
     single-process step (the parameters after 2 steps match); each rank logs its own local loss."""
-    settings = dict(train_size=64, batch_size=32, chunk_size=None, steps=2, eps=1e-3)
+    settings = dict(train_size=64, batch_size=32, chunk_size=8, steps=2, eps=1e-3)
     single = train(micro(tmp_path / "one", **settings))
     assert run_on_ranks(micro(tmp_path / "two", local_loss=True, gather_with_grad=True, **settings), 2) == []
     one = load_checkpoint(single.checkpoint, torch.device("cpu"))["model"]
     two = load_checkpoint(tmp_path / "two" / "run" / "checkpoint.pt", torch.device("cpu"))["model"]
-    for name, tensor in one.items():
-        assert torch.allclose(two[name], tensor, rtol=1e-5, atol=1e-7), name
+    for name, tensor in one.items():  # an lr-sized step is 3e-3; summation order moves Adam's steps by ~1e-7
+        assert torch.allclose(two[name], tensor, rtol=1e-4, atol=1e-6), name
     assert _train_losses(tmp_path / "two" / "run" / "metrics.jsonl") != _train_losses(single.metrics_path)
 
 
@@ -244,3 +244,19 @@ def test_console_script_without_the_train_extra_says_what_to_install(monkeypatch
     assert main(["--preset", "cpu-demo"]) == 2
     assert capsys.readouterr().err.startswith(
         "pyclipfast-train: the trainer needs its extra dependencies: pip install 'pyclipfast[train]'")
+
+
+def test_resume_is_decided_on_rank_0(tmp_path):
+    """Node-local output folders: only rank 0 sees the checkpoint, and every rank resumes from it (else the
+    ranks would run different steps and never finish); the run ends where the single-process run does."""
+    settings = dict(train_size=64, batch_size=32, chunk_size=16, steps=3, eps=1e-3)
+    single = train(micro(tmp_path / "one", **settings))
+    node_local = {1: {"output_dir": str(tmp_path / "node-1")}}
+    assert run_on_ranks(micro(tmp_path / "two", stop_at=1, **settings), 2, timeout=120, per_rank=node_local) == []
+    assert not (tmp_path / "node-1" / "checkpoint.pt").exists()
+    assert run_on_ranks(micro(tmp_path / "two", resume="auto", **settings), 2, timeout=120, per_rank=node_local) == []
+    state = load_checkpoint(tmp_path / "two" / "run" / "checkpoint.pt", torch.device("cpu"))
+    assert state["progress"]["step"] == 3 and len(state["rng_per_rank"]) == 2
+    one = load_checkpoint(single.checkpoint, torch.device("cpu"))["model"]
+    for name, tensor in one.items():
+        assert torch.allclose(state["model"][name], tensor, rtol=1e-4, atol=1e-6), name

@@ -58,14 +58,19 @@ def _rank_main(rank: int, world_size: int, port: int, settings: dict, errors) ->
         errors.put(f"rank {rank}: {error!r}")
 
 
-def run_on_ranks(config: TrainConfig, world_size: int, timeout: float = 240) -> list[str]:
-    """Train `config` on `world_size` forked gloo processes; returns their errors and non-zero exit codes."""
+def run_on_ranks(config: TrainConfig, world_size: int, timeout: float = 240,
+                 per_rank: dict | None = None) -> list[str]:
+    """Train `config` on `world_size` forked gloo processes; returns their errors and non-zero exit codes.
+
+    per_rank: {rank: {field: value}}, settings that differ on that rank (e.g. a node-local output folder).
+    """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = multiprocessing.get_context("fork")
     errors = context.Queue()
-    ranks = [context.Process(target=_rank_main, args=(rank, world_size, port, config.to_dict(), errors))
+    settings = [{**config.to_dict(), **(per_rank or {}).get(rank, {})} for rank in range(world_size)]
+    ranks = [context.Process(target=_rank_main, args=(rank, world_size, port, settings[rank], errors))
              for rank in range(world_size)]
     for process in ranks:
         process.start()

@@ -26,7 +26,8 @@ from typing import Any
 import pandas as pd
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+import torch.distributed as dist
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,8 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         seed: base seed of the shuffle.
         split_by_node: each torch.distributed rank reads its own shards (training); False: every
             rank reads them all (evaluation on the whole set).
+        resampled: open_clip's --dataset-resampled: each rank and worker draws shards with
+            replacement, endlessly (an epoch is then --train-num-samples long).
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         shuffle_buffer: int = 0,
         seed: int = 0,
         split_by_node: bool = True,
+        resampled: bool = False,
     ) -> None:
         if not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be a non-negative int, got {shuffle_buffer!r}")
@@ -224,6 +228,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.split_by_node = split_by_node
+        self.resampled = resampled
         self.epoch = 0
         self.skipped = SkipCounter()
 
@@ -240,6 +245,12 @@ class WebDatasetCaptions(IterableDataset[tuple[Any, str]]):
 
     def _shard_stream(self, rng: random.Random) -> Iterator[dict[str, str]]:
         """This rank's and this worker's shards, as webdataset expects them."""
+        if self.resampled:
+            worker = get_worker_info()
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            draws = random.Random(f"{self.seed}:{self.epoch}:{rank}:{0 if worker is None else worker.id}")
+            while True:
+                yield {"url": draws.choice(self.shards)}
         shards = list(self.shards)
         if self.shuffle_buffer:
             rng.shuffle(shards)

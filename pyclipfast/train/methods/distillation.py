@@ -219,6 +219,8 @@ class Distillation:
             teacher_images = gather(self.features.images(local.images, local.image_ids, local.extra.get("altered")))
             teacher_texts = gather(self.features.texts(local.texts))
             teacher_scale = self.teacher.logit_scale.exp()
+            dtype = context.image_features.dtype  # the student's (bf16 under bf16 autocast): one dtype for the loss
+            teacher_images, teacher_texts = teacher_images.to(dtype), teacher_texts.to(dtype)
         contrastive, distill = pyclipfast.distill_loss(
             context.image_features, context.text_features, teacher_images, teacher_texts,
             context.model.logit_scale.exp(), teacher_scale, image_ids=batch.image_ids, text_ids=batch.text_ids,
