@@ -24,18 +24,12 @@ from pathlib import Path
 IMPLEMENTATIONS = {"fused": "torch", "materialised": "reference"}
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def worker(args) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pyclipfast as pcf
+    from benchmarks.memory import proc_status_bytes
 
     torch.manual_seed(0)
     a, b = torch.randn(args.n, args.d), torch.randn(args.n, args.d)
@@ -54,12 +48,12 @@ def worker(args) -> dict:
     times, cpu_times, extra = [], [], []
     for _ in range(args.repeat):
         Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kib("VmRSS")
+        before = proc_status_bytes("VmRSS")
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = step(args.n)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-        extra.append((_status_kib("VmHWM") - before) / 1024)
+        extra.append((proc_status_bytes("VmHWM") - before) / 2**20)
     return dict(implementation=args.worker, seconds=min(times), cpu_seconds=min(cpu_times),
                 extra_peak_mib=max(extra), loss=loss, threads=torch.get_num_threads())
 

@@ -61,13 +61,6 @@ def random_texts(rng: random.Random, count: int, low: int = 2, high: int = 8) ->
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) for _ in range(count)]
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def worker(args) -> dict:
     import tempfile
 
@@ -75,6 +68,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.memory import proc_status_bytes
     if args.impl == "pyclipfast":
         from pyclipfast.sentence_transformers import CachedMultipleNegativesRankingLoss
     else:
@@ -95,7 +89,7 @@ def worker(args) -> dict:
         return float(loss)
 
     Path("/proc/self/clear_refs").write_text("5")
-    base_kib = _status_kib("VmRSS")
+    base = proc_status_bytes("VmRSS")
     loss = step()                                            # warm-up (allocator, first calls)
     times, cpu_times = [], []
     for _ in range(args.repeat):
@@ -106,7 +100,7 @@ def worker(args) -> dict:
     return {"impl": args.impl, "batch": args.batch, "negatives": args.negatives, "hidden": args.hidden,
             "mini_batch_size": args.mini_batch, "loss": loss, "seconds": min(times), "all_seconds": times,
             "cpu_seconds": min(cpu_times), "all_cpu_seconds": cpu_times,
-            "extra_peak_mib": (_status_kib("VmHWM") - base_kib) / 1024,
+            "extra_peak_mib": (proc_status_bytes("VmHWM") - base) / 2**20,
             "threads": torch.get_num_threads()}
 
 
