@@ -2,7 +2,7 @@
 
 Layout (Liger-Kernel style):
 
-    ops/<loss>.py   one module per op: its SPEC cost model, inputs, and implementations
+    ops/<loss>.py   one module per op: its minimum-work cost model, inputs, and implementations
                     (pyclipfast backends, peers, plain PyTorch baselines)
     registry.py     Op / Impl / Shape and the registry the op modules fill
     cases.py        one case → the timed step (forward + gradients)

@@ -124,7 +124,7 @@ def _write(args, results, ratios, lines, load_before, started) -> None:
           f"- Software: Python {software['python']}, torch {software['torch']}",
           "- Each implementation runs in a fresh process; one forward + backward (gradients of the student "
           "features and scale), best wall time of the repeats; extra peak = VmHWM − RSS before the call.",
-          f"- Goal (issue 3, at N=8192 D=Dt=256): fused ≤ 0.5× the time and ≤ 5% of the extra memory of the "
+          f"- Goal (at N=8192 D=Dt=256): fused ≤ 0.5× the time and ≤ 5% of the extra memory of the "
           f"materialised implementation: **{ {True: 'met', False: 'not met', None: 'n/a at this shape'}[record['goal']['met']]}**",
           "", "```", *lines, "```", ""]
     (args.out / "distill-cpu.md").write_text("\n".join(md))

@@ -1,6 +1,6 @@
 """What can be benchmarked: ops (a loss or a metric) and their implementations.
 
-An `Op` knows its SPEC cost model (minimum FLOPs and bytes for one timed call),
+An `Op` knows its minimum-work cost model (minimum FLOPs and bytes for one timed call),
 how to build random inputs, and which `Impl`s compute it. An `Impl` is one
 implementation: a pyclipfast backend, a peer library (open_clip, Inf-CL,
 siglip-kernel) or a plain PyTorch baseline. Each op lives in its own module
@@ -107,13 +107,13 @@ class Impl:
 
 @dataclass
 class Op:
-    """A benchmarked operation with its SPEC cost model.
+    """A benchmarked operation with its minimum-work cost model.
 
     Attributes:
         name: the loss name ("clip", "siglip", "distill", "cosine", "recall").
         title: a human title for tables and plots.
         api: the pyclipfast attribute it needs; the op is skipped while pyclipfast lacks it.
-        flops: `(Shape) -> float`, minimum FLOPs of one timed call (SPEC).
+        flops: `(Shape) -> float`, minimum FLOPs of one timed call.
         min_bytes: `(Shape, element_size) -> float`, bytes one call must move (inputs read once,
             gradients written once).
         make_inputs: `(Context, generator) -> Inputs`.

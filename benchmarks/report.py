@@ -1,6 +1,6 @@
 """Figures derived from the raw measurements, and the JSON and markdown outputs.
 
-Per case (median time t, SPEC minimum FLOPs F and bytes B, ceilings measured
+Per case (median time t, minimum FLOPs F and bytes B, ceilings measured
 in the same run, the better of its start and end: dense GEMM rate R in the
 case's dtype, copy bandwidth W):
 

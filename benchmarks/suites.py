@@ -2,8 +2,8 @@
 
     quick           small sizes, every op and implementation; minutes on the CPU
     full            the N × D × dtype grid, plus the largest-batch search for every op
-    cpu-acceptance  issue 2's CPU figures (fp32 N=8192 D=256 against open_clip; N=65,536 D=128)
-    gpu-goals       the issue's H100 goals (CUDA only); `--goals` picks a subset
+    cpu-acceptance  the CPU acceptance figures (fp32 N=8192 D=256 against open_clip; N=65,536 D=128)
+    gpu-goals       the GPU speed and memory goals (CUDA only); `--goals` picks a subset
 
 Every op registered in ``benchmarks/ops`` joins the sweeps whose `ops` is None,
 so a new loss needs no change here.
@@ -121,7 +121,7 @@ def _full(device: str) -> Suite:
 
 def _cpu_acceptance(device: str) -> Suite:
     return Suite(
-        "cpu-acceptance", "issue 2: fp32 fwd+bwd N=8192 D=256 pcf-torch vs open_clip; N=65,536 D=128 completes",
+        "cpu-acceptance", "CPU goals: fp32 fwd+bwd N=8192 D=256 pcf-torch vs open_clip; N=65,536 D=128 completes",
         [Sweep([8192], [256], ["float32"], ops=["clip"], impls=["pcf-torch", "open_clip"], label="N=8192 D=256",
                interleave=True),
          Sweep([65536], [128], ["float32"], ops=["clip"], impls=["pcf-torch", "open_clip"], label="N=65,536 D=128",
@@ -132,7 +132,7 @@ def _cpu_acceptance(device: str) -> Suite:
 def _gpu_goals(device: str) -> Suite:
     compiled_at = {c: [32768, 65536] for c in COMPILED}
     return Suite(
-        "gpu-goals", "the issue's H100 goals at D=768, bf16",
+        "gpu-goals", "the GPU goals at D=768, bf16",
         [Sweep([32768], [768], ["bfloat16"], ops=["clip"], only_at=compiled_at, label="speed"),
          Sweep([65536], [768], ["bfloat16"], ops=["siglip"], only_at=compiled_at, label="speed"),
          Sweep([65536], [768], ["bfloat16"], impls=["pcf-triton", "pcf-cuda"], label="memory")],
@@ -176,22 +176,22 @@ def _peak(r: dict) -> int:
     return r["memory"]["peak_extra_bytes"]
 
 
-# ------------------------------------------------------------------------------------ CPU goals (issue 2)
+# ------------------------------------------------------------------------------------ CPU goals
 
 def _cpu_goals() -> List[Goal]:
     return [
-        Goal("issue2-time", "fp32 fwd+bwd N=8192 D=256: pcf-torch time ≤ 0.5× open_clip ClipLoss", "acceptance",
+        Goal("cpu-time", "fp32 fwd+bwd N=8192 D=256: pcf-torch time ≤ 0.5× open_clip ClipLoss", "acceptance",
              _ratio_goal("time", 0.5)),
-        Goal("issue2-memory", "fp32 fwd+bwd N=8192 D=256: pcf-torch extra peak memory ≤ 5% of open_clip's",
+        Goal("cpu-memory", "fp32 fwd+bwd N=8192 D=256: pcf-torch extra peak memory ≤ 5% of open_clip's",
              "acceptance", _ratio_goal("memory", 0.05)),
-        Goal("issue2-65k", "fp32 fwd+bwd N=65,536 D=128 completes with pcf-torch (open_clip cannot)", "acceptance",
+        Goal("cpu-65k", "fp32 fwd+bwd N=65,536 D=128 completes with pcf-torch (open_clip cannot)", "acceptance",
              _completes_65k),
     ]
 
 
 def _ratio_goal(kind: str, limit: float) -> Callable[[dict], dict]:
     def check(record: dict) -> dict:
-        name = f"issue2-{kind}"
+        name = f"cpu-{kind}"
         mine, theirs = (find(record, "clip", impl, 8192, 256, "float32") for impl in ("pcf-torch", "open_clip"))
         if not (_ok(mine) and _ok(theirs)):
             why = _why(mine, "pcf-torch") + "; " + _why(theirs, "open_clip")
@@ -211,13 +211,13 @@ def _completes_65k(record: dict) -> dict:
     mine = find(record, "clip", "pcf-torch", 65536, 128, "float32")
     theirs = find(record, "clip", "open_clip", 65536, 128, "float32")
     if mine is None:
-        return goal_result("issue2-65k", "", None, "n/a", "completes", "pcf-torch at N=65,536 D=128 was not run")
+        return goal_result("cpu-65k", "", None, "n/a", "completes", "pcf-torch at N=65,536 D=128 was not run")
     if not _ok(mine):
-        return goal_result("issue2-65k", "", False, "did not complete", "completes", _why(mine, "pcf-torch"))
+        return goal_result("cpu-65k", "", False, "did not complete", "completes", _why(mine, "pcf-torch"))
     other = "open_clip: not run" if theirs is None else f"open_clip: {theirs['status']} {theirs.get('message', '')}"
     measured = (f"completed in {_ms(mine) / 1e3:.1f} s (median of {mine['time']['reps']}), "
                 f"{_peak(mine) / MB:.0f} MB extra peak RSS")
-    return goal_result("issue2-65k", "", True, measured, "completes", other.strip())
+    return goal_result("cpu-65k", "", True, measured, "completes", other.strip())
 
 
 # ------------------------------------------------------------------------------------ GPU goals

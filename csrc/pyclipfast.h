@@ -79,7 +79,7 @@ struct SiglipParams {
   int64_t row0, row1, col0, col1;
 };
 
-// Distillation with adaptive angular margin (SPEC §3): the teacher's side and the options.
+// Distillation with adaptive angular margin (math in pyclipfast/distill.py): the teacher's side and the options.
 struct DistillTeacher {
   const void* ta;          // Tᵃ (n_rows × dim), the student's dtype, any strides; nullptr: no teacher needed
   const void* tb;          // Tᵇ (n_cols × dim)
@@ -126,7 +126,7 @@ struct DistillGradParams {
   int64_t row0, row1, col0, col1;
 };
 
-// Cosine loss rows (SPEC §4): cos_i and, when wanted, the gradients of grad_scale·Σ_i cos_i.
+// Cosine loss rows (math in pyclipfast/cosine.py): cos_i and, when wanted, the gradients of grad_scale·Σ_i cos_i.
 struct CosineParams {
   const void* online;      // p, (n_rows × dim), any strides
   const void* target;      // z, (n_rows × dim), any strides

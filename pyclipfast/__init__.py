@@ -1,6 +1,6 @@
 """pyclipfast: fused kernels for CLIP-style losses in O(N·D) memory.
 
-Public API (SPEC §6): `clip_loss`, `siglip_loss`, `distill_loss`, `cosine_loss`,
+Public API: `clip_loss`, `siglip_loss`, `distill_loss`, `cosine_loss`,
 `recall_at_k`, the open_clip drop-ins `ClipLoss`, `SigLipLoss`,
 `DistillClipLoss` and `CoCaLoss`, and `set_validation`;
 `pyclipfast.distributed` runs the losses on torch.distributed.

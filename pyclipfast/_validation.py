@@ -1,4 +1,4 @@
-"""Argument checks shared by every loss (SPEC §7).
+"""Argument checks shared by every loss.
 
 Metadata checks (shape, rank, dtype, device, options) always run and cost no
 device sync. Data checks (non-finite values, scale <= 0, rows without a

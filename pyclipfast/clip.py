@@ -1,4 +1,4 @@
-"""Bidirectional temperature-scaled InfoNCE (the CLIP loss), SPEC §1.
+"""Bidirectional temperature-scaled InfoNCE (the CLIP loss).
 
     S_ij = s·⟨A_i, B_j⟩ + b
     r_i  = logsumexp_j S_ij,   c_j = logsumexp_i S_ij
@@ -57,7 +57,7 @@ def clip_loss(
         logit_bias: optional scalar bias; it cancels in the softmax, so its gradient is zero.
         image_ids, text_ids: optional integer ids (N,) and (M,); (i, j) is a positive pair iff the
             ids are equal (several captions per image, duplicates). Default: the diagonal (N == M).
-        reduction: "mean" (SPEC §1), "sum" (½ Σ rows + ½ Σ columns), or "none" (per index
+        reduction: "mean" (the formula above), "sum" (½ Σ rows + ½ Σ columns), or "none" (per index
             ½(row_i + col_i), needs N == M; rows only when one-directional).
         bidirectional: False gives the rows-only (image→text) loss mean_i (r_i − mean_{P(i)} S_ij),
             the form open_clip's ``local_loss`` uses per direction.

@@ -1,4 +1,4 @@
-"""Non-contrastive cosine loss (CLIPin's path), SPEC §4.
+"""Non-contrastive cosine loss (CLIPin's path).
 
     L = (1/N) Σ_i (2 − 2·cos(p_i, z_i)),   cos(p, z) = ⟨p, z⟩ / (max(‖p‖, ε)·max(‖z‖, ε))
     dL/dp_i = −(2g/N)·(z_i / (n_p n_z) − cos_i·p_i / (n_p‖p_i‖)),   n_p = max(‖p_i‖, ε), n_z = max(‖z_i‖, ε)

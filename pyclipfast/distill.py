@@ -1,4 +1,4 @@
-"""Soft-label distillation with adaptive angular margin (KDMCSE's AdapACSE), SPEC §3.
+"""Soft-label distillation with adaptive angular margin (KDMCSE's AdapACSE).
 
 Student features A (N×D), B (M×D); frozen teacher features Tᵃ (N×Dt), Tᵇ (M×Dt);
 student scale s, teacher scale t, margin m ≥ 0, optional false-negative threshold φ:
@@ -6,7 +6,7 @@ student scale s, teacher scale t, margin m ≥ 0, optional false-negative thresh
     c_ij = ⟨Â_i, B̂_j⟩,   α_ij = ⟨T̂ᵃ_i, T̂ᵇ_j⟩,   θ_ij = arccos(clamp(c_ij, −1+ε, 1−ε)),   μ_ij = m·(1 − α_ij)
     ψ_ij = c_ij on positives,  cos(max(θ_ij − μ_ij, 0)) on negatives
     Z_ij = s·ψ_ij  (−∞ on negatives with α_ij > φ),   U_ij = s·c_ij,   V_ij = t·α_ij
-    L_ce = bidirectional InfoNCE of Z (SPEC §1, with ids)
+    L_ce = bidirectional InfoNCE of Z (as in pyclipfast/clip.py, with ids)
     L_kd = ½ [mean_i KL(softmax_j V_i· ‖ softmax_j U_i·) + mean_j KL(softmax_i V_·j ‖ softmax_i U_·j)]
     returns (L_ce, λ·L_kd)
 

@@ -32,7 +32,7 @@ def logits(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias=None) -> 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, image_ids=None, text_ids=None,
               reduction: str = "mean", bidirectional: bool = True) -> torch.Tensor:
-    """SPEC §1: bidirectional (or rows-only) InfoNCE with multi-positive ids."""
+    """Bidirectional (or rows-only) InfoNCE with multi-positive ids."""
     logit = logits(image_features, text_features, logit_scale, logit_bias)
     pos = positive_mask(*logit.shape, image_ids, text_ids, logit.device).to(logit.dtype)
     rows = torch.logsumexp(logit, 1) - (logit * pos).sum(1) / pos.sum(1)
@@ -48,17 +48,17 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, im
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, image_ids=None, text_ids=None,
                 negative_only: bool = False) -> torch.Tensor:
-    """SPEC §2: L = -(1/N) Σ_ij log σ(y_ij S_ij), y = +1 on positives, -1 elsewhere."""
+    """L = -(1/N) Σ_ij log σ(y_ij S_ij), y = +1 on positives, -1 elsewhere."""
     logit = logits(image_features, text_features, logit_scale, logit_bias)
     pos = positive_mask(*logit.shape, image_ids, text_ids, logit.device)
     if negative_only:
         pos = torch.zeros_like(pos)
     y = pos.to(logit.dtype) * 2 - 1
-    # + 0·ΣS: log σ(±∞) is 0 or −∞, never NaN; an infinite logit must give a NaN loss (SPEC §7)
+    # + 0·ΣS: log σ(±∞) is 0 or −∞, never NaN; an infinite logit must give a NaN loss
     return (-F.logsigmoid(y * logit).sum() + 0 * logit.sum()) / image_features.shape[0]
 
 
-# Clamp of c before arccos in the angular margin (SPEC §3); every backend uses the same value.
+# Clamp of c before arccos in the angular margin (math in pyclipfast/distill.py); every backend uses the same value.
 ANGLE_EPS = 1e-6
 
 
@@ -66,7 +66,7 @@ def distill_loss(image_features, text_features, teacher_image_features, teacher_
                  teacher_logit_scale, *, margin: float = 0.0, kd_weight: float = 1.0, kd: str = "kl",
                  false_negative_threshold: Optional[float] = None, normalize: bool = True, image_ids=None,
                  text_ids=None):
-    """SPEC §3: (L_ce, λ·L_kd), InfoNCE of the margin-adjusted logits Z plus soft-label distillation.
+    """(L_ce, λ·L_kd), InfoNCE of the margin-adjusted logits Z plus soft-label distillation.
 
     The teacher gets no gradient; the margin goes through arccos/cos literally (autograd
     differentiates it), the KD term through log-softmax and kl_div.
@@ -91,7 +91,7 @@ def distill_loss(image_features, text_features, teacher_image_features, teacher_
     cols = torch.logsumexp(z, 0) - z_pos.sum(0) / count.sum(0)
     u, v = s * cos, t * alpha
     # A non-finite score can leave no trace (clamped into ψ, filtered, a −∞ dropped by a
-    # log-sum-exp): carry it into both losses as NaN (SPEC §7)
+    # log-sum-exp): carry it into both losses as NaN
     poison = 0 * (u.detach().sum() + v.sum())
     contrastive = 0.5 * (rows.mean() + cols.mean()) + poison
     distill = 0.5 * (_soft_label_loss(v, u, 1, kd).mean() + _soft_label_loss(v, u, 0, kd).mean()) + poison
@@ -111,14 +111,14 @@ COSINE_EPS = 1e-8
 
 
 def cosine_loss(online, target, *, target_grad: bool = False) -> torch.Tensor:
-    """SPEC §4: (1/N) Σ_i (2 − 2·cos(p_i, z_i)); z is a stop-gradient target unless target_grad."""
+    """(1/N) Σ_i (2 − 2·cos(p_i, z_i)); z is a stop-gradient target unless target_grad."""
     cd = compute_dtype(online)
     z = target if target_grad else target.detach()
     return (2 - 2 * F.cosine_similarity(online.to(cd), z.to(cd), dim=-1, eps=COSINE_EPS)).mean()
 
 
 def recall_at_k(queries, gallery, ks=(1, 5, 10), *, query_ids=None, gallery_ids=None) -> dict:
-    """SPEC §5: rank_i = #{j : S_ij > max_{positives} S_ij}; {"R@k": mean(rank_i < k)}."""
+    """Recall@K: rank_i = #{j : S_ij > max_{positives} S_ij}; {"R@k": mean(rank_i < k)}."""
     cd = compute_dtype(queries)
     scores = queries.detach().to(cd) @ gallery.detach().to(cd).T
     pos = positive_mask(*scores.shape, query_ids, gallery_ids, scores.device)

@@ -1,4 +1,4 @@
-"""Retrieval recall@K without the Nq×Ng score matrix, SPEC §5.
+"""Retrieval recall@K without the Nq×Ng score matrix.
 
     S_ij   = ⟨Q_i, G_j⟩
     best_i = max_{j ∈ P(i)} S_ij                     (P(i): gallery items with query i's id)
@@ -10,7 +10,7 @@ first takes best_i from the positives' tiles, the second counts, per query, the
 negatives scoring strictly above it (positives are left out). Ties count in the
 query's favour, exactly: a negative equal to the best positive (a duplicate
 caption) rounds alike and is not counted. O(Nq·Ng·D) work, O(Nq + Ng) memory.
-Unvalidated, a non-finite query or gallery item makes every R@K NaN (SPEC §7).
+Unvalidated, a non-finite query or gallery item makes every R@K NaN.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sigmoid (SigLIP) loss, SPEC §2.
+"""Sigmoid (SigLIP) loss.
 
     S_ij = s·⟨A_i, B_j⟩ + b,   y_ij = +1 if (i, j) is positive else −1
     L    = −(1/N) Σ_ij log σ(y_ij S_ij)          (open_clip's normalisation)

@@ -1,4 +1,4 @@
-"""Helpers for holding every backend to the float64 reference (SPEC §8)."""
+"""Helpers for holding every backend to the float64 reference."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pyclipfast._dispatch import cuda_extension_available, triton_available
 
-# Relative error ‖out − ref‖ / ‖ref‖ against float64, per input dtype (SPEC §8).
+# Relative error ‖out − ref‖ / ‖ref‖ against float64, per input dtype.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 HAS_CUDA = torch.cuda.is_available()

@@ -276,7 +276,7 @@ def test_cpu_acceptance_goals_pass_fail_and_not_evaluated():
                           case("pcf-torch", 65536, 128, 60e3, 80e6),
                           case("open_clip", 65536, 128, None, None, status="over-cap")]}
     verdicts = {g.name: g.check(record)["passed"] for g in suite.goals}
-    assert verdicts == {"issue2-time": True, "issue2-memory": True, "issue2-65k": True}
+    assert verdicts == {"cpu-time": True, "cpu-memory": True, "cpu-65k": True}
     record["results"][0]["time"]["median_ms"] = 2000.0
     assert suite.goals[0].check(record)["passed"] is False
     assert suite.goals[0].check({"results": []})["passed"] is None

@@ -1,4 +1,4 @@
-"""clip_loss: every backend against the float64 reference (SPEC §1, §8)."""
+"""clip_loss: every backend against the float64 reference."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""cosine_loss: every backend against F.cosine_similarity in float64 (SPEC §4, §8)."""
+"""cosine_loss: every backend against F.cosine_similarity in float64."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""distill_loss and DistillClipLoss: every backend against the float64 reference (SPEC §3, §8)."""
+"""distill_loss and DistillClipLoss: every backend against the float64 reference."""
 import inspect
 
 import pytest

@@ -1,4 +1,4 @@
-"""With the data checks off, a non-finite input gives a NaN loss or metric on every backend (SPEC §7).
+"""With the data checks off, a non-finite input gives a NaN loss or metric on every backend.
 
 The inputs are built so the non-finite value can hide: every first feature is positive, and
 the poisoned row is (v, 0, …, 0), so its scores are all +∞ or all −∞ — a −∞ score drops out

@@ -1,4 +1,4 @@
-"""recall_at_k: every backend against the materialised float64 definition (SPEC §5)."""
+"""recall_at_k: every backend against the materialised float64 definition."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""siglip_loss: every backend against the float64 reference (SPEC §2, §8)."""
+"""siglip_loss: every backend against the float64 reference."""
 import pytest
 import torch
 

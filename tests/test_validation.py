@@ -1,4 +1,4 @@
-"""Bad input raises a clear ValueError/TypeError naming the argument (SPEC §7)."""
+"""Bad input raises a clear ValueError/TypeError naming the argument."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,7 +101,7 @@ def test_validation_switch(monkeypatch):
     pcf.set_validation(False)
     try:
         assert not pcf.validation_enabled()
-        # Off means off for CPU tensors too (SPEC §7): a non-finite input gives NaN, not an error.
+        # Off means off for CPU tensors too: a non-finite input gives NaN, not an error.
         assert torch.isnan(pcf.clip_loss(A.clone().fill_(float("nan")), B, 10.0))
     finally:
         pcf._validation._validation_on = None

@@ -1,4 +1,4 @@
-"""Bad input to distill_loss, cosine_loss and recall_at_k: a ValueError/TypeError naming the argument (SPEC §7)."""
+"""Bad input to distill_loss, cosine_loss and recall_at_k: a ValueError/TypeError naming the argument."""
 import pytest
 import torch
 

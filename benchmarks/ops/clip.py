@@ -1,4 +1,4 @@
-"""InfoNCE / CLIP loss (SPEC §1): pyclipfast.clip_loss against open_clip and Inf-CL.
+"""InfoNCE / CLIP loss (math in pyclipfast/clip.py): pyclipfast.clip_loss against open_clip and Inf-CL.
 
 Timed call: loss and gradients w.r.t. both feature sets and the log-scale.
 Minimum work 8·N·M·D FLOPs (2 for the logits, 2 to recompute them in the

@@ -1,4 +1,4 @@
-"""Non-contrastive cosine loss (SPEC §4): pyclipfast.cosine_loss against plain PyTorch.
+"""Non-contrastive cosine loss (math in pyclipfast/cosine.py): pyclipfast.cosine_loss against plain PyTorch.
 
 L = (1/N) Σ_i (2 − 2·cos(p_i, z_i)), z a stop-gradient target. Memory-bound:
 one read of p and z and one write of dp, 3·N·D elements, so its figure of

@@ -1,4 +1,4 @@
-"""Soft-label distillation (SPEC §3): pyclipfast.distill_loss against open_clip's DistillClipLoss.
+"""Soft-label distillation (math in pyclipfast/distill.py): pyclipfast.distill_loss against open_clip's DistillClipLoss.
 
 Both sides are run in the configuration where they compute the same function
 (margin 0, no false-negative filter, λ = 1, kd="ce", normalize=False, teacher

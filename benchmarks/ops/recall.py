@@ -1,4 +1,4 @@
-"""Retrieval recall@K (SPEC §5): pyclipfast.recall_at_k, fused/chunked against materialised.
+"""Retrieval recall@K (math in pyclipfast/retrieval.py): pyclipfast.recall_at_k, fused/chunked against materialised.
 
 Forward only (a metric): rank_i = #gallery items scoring strictly above query
 i's positive (gallery item i here), recall@K = mean(rank_i < K), K = 1, 5, 10.

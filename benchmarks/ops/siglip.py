@@ -1,4 +1,4 @@
-"""Sigmoid loss (SPEC §2): pyclipfast.siglip_loss against open_clip and siglip-kernel.
+"""Sigmoid loss (math in pyclipfast/siglip.py): pyclipfast.siglip_loss against open_clip and siglip-kernel.
 
 Timed call: loss and gradients w.r.t. both feature sets, the log-scale and the
 bias. No normalising statistic, so one sweep gives loss and gradients:

@@ -1,4 +1,4 @@
-// InfoNCE forward statistics in one sweep over the tiles of S (SPEC §1):
+// InfoNCE forward statistics in one sweep over the tiles of S (math in pyclipfast/clip.py):
 //
 //     S_ij = s·⟨A_i, B_j⟩                                   (no bias: it cancels)
 //     row_lse_i = logsumexp_j S_ij,   col_lse_j = logsumexp_i S_ij
@@ -70,7 +70,7 @@ __device__ __forceinline__ void row_pass(const TileSmem<T>& sm, RowStats& st, co
       v[q] = ok ? sm.s[r][lane + 32 * q] * scale : kNegInf;
       tile_max = fmaxf(tile_max, v[q]);
       if (ok && pos.match(row_key, col_key[q])) pos_sum += v[q];
-      else if (ok && !isfinite(v[q])) pos_sum = NAN;  // a −∞ score leaves no trace in the sum-exp (SPEC §7)
+      else if (ok && !isfinite(v[q])) pos_sum = NAN;  // a −∞ score leaves no trace in the sum-exp
     }
     const float new_max = fmaxf(st.max[t], warp_max(tile_max));
     const float shift = finite_or_zero(new_max);  // rows past the end stay −inf; keep them NaN-free
@@ -102,7 +102,7 @@ __device__ __forceinline__ void col_pass(const TileSmem<T>& sm, ColScratch& scra
     const float v = sm.s[r][c] * scale;
     csum += expf(v - shift);
     if (pos.match(pos.row_key(row0 + r), col_key)) cpos += v;
-    else if (!isfinite(v)) cpos = NAN;  // a −∞ score leaves no trace in the sum-exp (SPEC §7)
+    else if (!isfinite(v)) cpos = NAN;  // a −∞ score leaves no trace in the sum-exp
   }
   scratch.max[slice][c] = cmax;
   scratch.sum[slice][c] = csum;

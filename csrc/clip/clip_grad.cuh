@@ -1,4 +1,4 @@
-// InfoNCE gradient tiles (SPEC §1), for upstream gradients of the forward's four vectors:
+// InfoNCE gradient tiles (math in pyclipfast/clip.py), for upstream gradients of the forward's four vectors:
 //
 //     G_ij = g_row_i·exp(S_ij − row_lse_i) + g_col_j·exp(S_ij − col_lse_j) + pos_ij·(g_row_pos_i + g_col_pos_j)
 //     dA = s·G·B,   dB = s·Gᵀ·A,   dscale = Σ_ij G_ij⟨A_i, B_j⟩

@@ -1,4 +1,4 @@
-// Non-contrastive cosine loss rows (SPEC §4), loss and gradients in one pass:
+// Non-contrastive cosine loss rows (math in pyclipfast/cosine.py), loss and gradients in one pass:
 //
 //     n_p = max(‖p‖, ε),  n_z = max(‖z‖, ε),  cos = ⟨p, z⟩ / (n_p n_z)
 //     d cos/dp = z / (n_p n_z) − cos·p / (n_p‖p‖)      (second term 0 where p = 0)

@@ -1,4 +1,4 @@
-// Distillation forward statistics in one sweep over the tiles (SPEC §3; pyclipfast/distill.py):
+// Distillation forward statistics in one sweep over the tiles (math in pyclipfast/distill.py):
 //
 //     row_lse_i = logsumexp_j Z_ij,  row_pos_i = Σ_j pos_ij Z_ij
 //     student_row_lse_i = logsumexp_j U_ij,  teacher_row_lse_i = logsumexp_j V_ij

@@ -1,4 +1,4 @@
-// Distillation gradient tiles (SPEC §3; derivation in pyclipfast/distill.py), for upstream
+// Distillation gradient tiles (derivation in pyclipfast/distill.py), for upstream
 // gradients g of the forward's statistics (P the row/column softmax of Z, q of U, p of V):
 //
 //     ∂/∂Z_ij = g_row_lse_i·Pʳ_ij + g_col_lse_j·Pᶜ_ij + pos_ij·(g_row_pos_i + g_col_pos_j)

@@ -1,4 +1,4 @@
-// Distillation tiles (SPEC §3): the student tile c = A·Bᵀ, the teacher tile α = Tᵃ·Tᵇᵀ and
+// Distillation tiles (math in pyclipfast/distill.py): the student tile c = A·Bᵀ, the teacher tile α = Tᵃ·Tᵇᵀ and
 // the InfoNCE logits with the adaptive angular margin (derivation in pyclipfast/distill.py):
 //
 //     μ = m·(1 − α),   θ > μ  ⇔  μ < 0, or μ < π and c < cos μ          (c clamped to [−1+ε, 1−ε])
@@ -44,7 +44,7 @@ __device__ __forceinline__ MarginLogit margin_logit(const DistillOptions& o, flo
   float z = psi * scale;
   if (o.filter && !positive && alpha > o.threshold) z = kNegInf;
   // A non-finite score or teacher score can leave no trace in Z (clamped into ψ, filtered, or a
-  // −∞ dropped by the log-sum-exp): make Z NaN (SPEC §7).
+  // −∞ dropped by the log-sum-exp): make Z NaN.
   if (!isfinite(c) || !isfinite(alpha)) z = c + alpha + NAN;
   return {z, psi, slope};
 }

@@ -1,4 +1,4 @@
-// Sigmoid (SigLIP) loss and gradient tiles in one sweep (SPEC §2):
+// Sigmoid (SigLIP) loss and gradient tiles in one sweep (math in pyclipfast/siglip.py):
 //
 //     S_ij = s·⟨A_i, B_j⟩ + b,  y_ij = +1 on positives, −1 elsewhere,  z_ij = −y_ij·S_ij
 //     loss_sum = Σ_ij softplus(z_ij)
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kThreads) siglip_kernel(const SiglipParams p) 
     const float z = positive ? -(acc * scale + bias) : acc * scale + bias;
     const float sig = 1.0f / (1.0f + expf(-z));
     const float g = positive ? -sig : sig;
-    part[0] += isfinite(z) ? softplus(z) : NAN;  // softplus(±∞) is ∞ or 0: an infinite score gives NaN (SPEC §7)
+    part[0] += isfinite(z) ? softplus(z) : NAN;  // softplus(±∞) is ∞ or 0: an infinite score gives NaN
     part[1] += g * acc;
     part[2] += g;
     if (g_out != nullptr) g_out[(i - p.row0) * p.stride_gm + (j - p.col0) * p.stride_gn] = from_float<T>(g);

@@ -29,7 +29,7 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     ts = TileScores(a, b, scale)
     opts = dict(dtype=ts.cd, device=a.device)
     # 0 for finite inputs, NaN otherwise: a −∞ score (an infinite feature) leaves no trace in the
-    # log-sum-exp, so it is carried into the positive sums instead (SPEC §7); O((N + M)·D), no sync.
+    # log-sum-exp, so it is carried into the positive sums instead; O((N + M)·D), no sync.
     poison = nonfinite_poison(ts.cd, a, b, scale)
     row_lse, row_pos = torch.empty(n, **opts), torch.zeros(n, **opts).add_(poison)
     if bidirectional:

@@ -1,4 +1,4 @@
-"""Chunked PyTorch cosine loss (SPEC §4): cos and its gradients, a block of rows at a time.
+"""Chunked PyTorch cosine loss (math in pyclipfast/cosine.py): cos and its gradients, a block of rows at a time.
 
     n_p = max(‖p‖, ε),  n_z = max(‖z‖, ε),  cos = ⟨p, z⟩ / (n_p n_z)
     d cos/dp = z / (n_p n_z) − cos·p / (n_p‖p‖)      (second term 0 where p = 0)

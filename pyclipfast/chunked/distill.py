@@ -1,4 +1,4 @@
-"""Chunked PyTorch distillation statistics with adaptive angular margin (SPEC §3).
+"""Chunked PyTorch distillation statistics with adaptive angular margin (math in pyclipfast/distill.py).
 
 One tile (rows i0:i1 × columns j0:j1) of each N×M matrix exists at a time:
 
@@ -190,7 +190,7 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     if kd:
         out.update(student_col_lse=u_cols.lse(), teacher_col_lse=v_cols.lse(), col_cross=v_cols.mean())
     # A non-finite input can leave no trace in the tiles' math (clamped into ψ, filtered, a −∞
-    # dropped by a log-sum-exp): carry it into every statistic as NaN (SPEC §7).
+    # dropped by a log-sum-exp): carry it into every statistic as NaN.
     poison = nonfinite_poison(tiles.cd, a, b, scale, *((ta, tb, teacher_scale) if opts.needs_teacher else ()))
     return {k: v + poison for k, v in out.items()}
 

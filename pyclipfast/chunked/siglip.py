@@ -27,7 +27,7 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     ts = TileScores(a, b, scale)
     opts = dict(dtype=ts.cd, device=a.device)
     bias_c = None if bias is None else bias.detach().to(ts.cd)
-    # softplus(±∞) is ∞ or 0, never NaN: carry a non-finite input into the loss as NaN (SPEC §7)
+    # softplus(±∞) is ∞ or 0, never NaN: carry a non-finite input into the loss as NaN
     loss_sum = torch.zeros((), **opts).add_(nonfinite_poison(ts.cd, a, b, scale, *([] if bias is None else [bias])))
     dscale, dbias = torch.zeros((), **opts), torch.zeros((), **opts)
     da = torch.empty(a.shape, **opts) if need_a else None

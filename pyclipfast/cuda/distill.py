@@ -1,4 +1,4 @@
-"""CUDA distillation with adaptive angular margin: fused statistics and gradient tiles (SPEC §3;
+"""CUDA distillation with adaptive angular margin: fused statistics and gradient tiles (math in pyclipfast/distill.py;
 kernels in csrc/distill/, derivation in pyclipfast/distill.py).
 
 Per tile, from the student tile c = A·Bᵀ and the teacher tile α = Tᵃ·Tᵇᵀ:

@@ -69,7 +69,7 @@ def _clip_fwd_kernel(
             valid = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
             s = tl.where(valid, acc * scale, float("-inf"))
             # 0·S off the positives: a −∞ score (an infinite feature) leaves no trace in the
-            # log-sum-exp, so carry it into the positive sums as NaN (SPEC §7).
+            # log-sum-exp, so carry it into the positive sums as NaN.
             s_pos = tl.where(positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, POS_MODE),
                              s, 0.0 * (acc * scale))
             row_pos += tl.sum(s_pos, 1)

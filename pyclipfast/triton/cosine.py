@@ -1,4 +1,4 @@
-"""Triton cosine loss (SPEC §4): cos and its gradients in one pass over p and z.
+"""Triton cosine loss (math in pyclipfast/cosine.py): cos and its gradients in one pass over p and z.
 
     n_p = max(‖p‖, ε),  n_z = max(‖z‖, ε),  cos = ⟨p, z⟩ / (n_p n_z)
     d cos/dp = z / (n_p n_z) − cos·p / (n_p‖p‖)      (second term 0 where p = 0)

@@ -1,4 +1,4 @@
-"""Triton distillation with adaptive angular margin: fused statistics and gradient tiles (SPEC §3).
+"""Triton distillation with adaptive angular margin: fused statistics and gradient tiles (math in pyclipfast/distill.py).
 
 Per tile, from two score tiles (derivation in pyclipfast/distill.py):
 
@@ -60,7 +60,7 @@ KD_CODES = {None: 0, "kl": 1, "ce": 2}
 @triton.jit
 def _angular_margin(c, alpha, margin):
     """ψ = cos(max(θ − μ, 0)) and ψ' = dψ/dc on every entry (negatives' formula), θ = arccos(clamp(c))."""
-    # NaN-propagating clamp: the GPU's fmin/fmax would turn a NaN score finite (SPEC §7).
+    # NaN-propagating clamp: the GPU's fmin/fmax would turn a NaN score finite.
     cc = tl.minimum(tl.maximum(c, -1.0 + _EPS, propagate_nan=tl.PropagateNan.ALL), 1.0 - _EPS,
                     propagate_nan=tl.PropagateNan.ALL)
     sin_theta = tl.sqrt((1.0 - cc) * (1.0 + cc))
@@ -156,7 +156,7 @@ def _distill_fwd_kernel(
             z = tl.where(valid, z, float("-inf"))
             # 0·s·(c + α) off the positives: a non-finite score or teacher score can leave no trace
             # in Z (clamped into ψ, filtered, or a −∞ dropped by the log-sum-exp): carry it into
-            # the positive sums as NaN (SPEC §7).
+            # the positive sums as NaN.
             z_on_pos = tl.where(pos, z, 0.0 * scale * (c + alpha))
             row_pos_tile = tl.sum(z_on_pos, 1)
             col_pos_tile = tl.sum(z_on_pos, 0)

@@ -1,4 +1,4 @@
-"""Triton retrieval ranks (SPEC §5): two sweeps over the tiles of S = Q·Gᵀ.
+"""Triton retrieval ranks (math in pyclipfast/retrieval.py): two sweeps over the tiles of S = Q·Gᵀ.
 
     best_i = max_{j ∈ P(i)} S_ij,   rank_i = #{j ∉ P(i) : S_ij > best_i}
 

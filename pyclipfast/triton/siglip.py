@@ -47,7 +47,7 @@ def _siglip_kernel(
         s += tl.load(bias_ptr).to(tl.float32)
     pos = positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, row1, col1, POS_MODE)
     z = tl.where(pos, -s, s)
-    # + 0·z: softplus(±∞) is ∞ or 0, never NaN; an infinite score must give a NaN loss (SPEC §7)
+    # + 0·z: softplus(±∞) is ∞ or 0, never NaN; an infinite score must give a NaN loss
     tl.store(loss_part_ptr + part, tl.sum(tl.sum(tl.where(valid, softplus(z) + 0.0 * z, 0.0), 1), 0))
     sig = 1.0 / (1.0 + tl.exp(-z))
     g = tl.where(valid, tl.where(pos, -sig, sig), 0.0)
