@@ -211,7 +211,7 @@ def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.o
 
 
 def _sharded_like(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A whole optimizer state dict with each state of a sharded parameter cut to this rank's shard (no communication)."""
+    """A whole optimizer state dict, each state of a sharded parameter cut to this rank's shard (no communication)."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for index, values in saved["state"].items():

@@ -175,7 +175,7 @@ def sharded_towers(model: torch.nn.Module, runtime: Runtime) -> Towers:
 
 @contextmanager
 def fsdp_no_sync(model: torch.nn.Module) -> Iterator[None]:
-    """FSDP2's DDP.no_sync: gradients accumulate unsharded on each rank, reduce-scattered at the next synced backward."""
+    """FSDP2's DDP.no_sync: gradients accumulate unsharded on each rank, reduce-scattered at the next synced step."""
     model.set_requires_gradient_sync(False)
     try:
         yield
