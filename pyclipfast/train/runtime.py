@@ -155,7 +155,8 @@ def sharded_towers(model: torch.nn.Module, runtime: Runtime) -> Towers:
 
     Each transformer block (open_clip's ResidualAttentionBlock, or any module with a `resblocks`
     list) is a unit of its own, the rest of the model one more; the logit scale and bias stay whole
-    (the loss uses them outside the towers; `average_scales` averages their gradients). encode_image
+    (the loss uses them outside the towers; `average_scales` averages their gradients). Rank 0's
+    parameters and buffers are broadcast first, as DDP does. encode_image
     and encode_text gather the parameters as forward does, so evaluation and the towers call them directly.
     Build the optimizer after this: the model's parameters are new objects.
     """
@@ -165,6 +166,9 @@ def sharded_towers(model: torch.nn.Module, runtime: Runtime) -> Towers:
         return Towers(model)
     blocks = [block for module in model.modules() if isinstance(getattr(module, "resblocks", None), torch.nn.ModuleList)
               for block in module.resblocks]
+    with torch.no_grad():  # every rank starts from rank 0's model, as under DDP
+        for tensor in (*model.parameters(), *model.buffers()):
+            dist.broadcast(tensor, src=0)
     for block in blocks:
         fully_shard(block)
     fully_shard(model, ignored_params={p for name, p in model.named_parameters() if name in SCALES})

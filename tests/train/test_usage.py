@@ -267,13 +267,19 @@ def test_fsdp_on_two_ranks_takes_the_single_process_steps_resumes_and_evaluates_
     """--fsdp on 2 gloo ranks × 16 pairs follows the 1 × 32 run (loss per step within 1e-5, gradient caching's
     chunks and --grad-clip included) across a stop and resume; its checkpoint resumes in one process and its
     weights load in open_clip. Every rank embeds all the --val-data shards: the recall equals the single
-    process's (the model is the same before training; a rank evaluating half the pairs would differ)."""
+    process's (the model is the same before training; a rank evaluating half the pairs would differ). Rank 1
+    builds another model: the sharded one starts from rank 0's, as DDP does."""
     write_shards(tmp_path / "val", shards=2, per_shard=8, caption=lambda i: f"a square of grey level {i}")
     settings = dict(train_size=64, batch_size=32, chunk_size=8, steps=3, eps=1e-3, grad_clip=1.0, eval_at_start=True,
                     val_data=str(tmp_path / "val" / "shard-{0..1}.tar"))
     single = train(micro(tmp_path / "one", **settings))
     two = tmp_path / "two" / "run"
-    assert run_on_ranks(micro(tmp_path / "two", fsdp=True, stop_at=2, **settings), 2, timeout=120) == []
+    register_configs()
+    torch.manual_seed(5)
+    torch.save(open_clip.create_model("pcf-micro-32").state_dict(), tmp_path / "other.pt")
+    other_start = {1: {"pretrained": str(tmp_path / "other.pt")}}  # rank 0's parameters reach every rank
+    assert run_on_ranks(micro(tmp_path / "two", fsdp=True, stop_at=2, **settings), 2, timeout=120,
+                        per_rank=other_start) == []
     shutil.copyfile(two / "checkpoint.pt", tmp_path / "step-2.pt")
     assert run_on_ranks(micro(tmp_path / "two", fsdp=True, resume="auto", **settings), 2, timeout=120) == []
     assert "cpu x2 sharded (FSDP2)" in (two / "out.log").read_text()
@@ -294,7 +300,6 @@ def test_fsdp_on_two_ranks_takes_the_single_process_steps_resumes_and_evaluates_
     state = load_checkpoint(two / "checkpoint.pt", torch.device("cpu"))
     for name, tensor in load_checkpoint(single.checkpoint, torch.device("cpu"))["model"].items():
         assert torch.allclose(state["model"][name], tensor, rtol=1e-4, atol=1e-6), name
-    register_configs()
     exported = open_clip.create_model("pcf-micro-32", pretrained=str(two / "open_clip_weights.pt"))
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, state["model"][name]), name
