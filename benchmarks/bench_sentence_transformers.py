@@ -138,7 +138,7 @@ def _markdown(record: dict) -> str:
         f"Machine: {record['machine']['cpu_model']}, {record['machine']['cpu_cores']} cores "
         f"(the 2-core CPU development VM); load average before / after: {record['load_before']} / "
         f"{record['load_after']} (the machine is shared). torch {record['torch']}, "
-        f"sentence-transformers {record['sentence_transformers']}, {record['threads']} threads.",
+        f"sentence-transformers {record['sentence_transformers']}, {record['threads']} thread{'s' if record['threads'] != 1 else ''}.",
         "",
         f"Tiny BERT (hidden {record['hidden']}, 2 layers, random weights), {record['negatives']} hard negatives per "
         f"anchor, mini_batch_size {record['mini_batch_size']}, fp32. Time: fastest of {record['repeat']} step(s) "

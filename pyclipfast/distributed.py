@@ -332,7 +332,7 @@ def clip_loss(
     group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Bidirectional InfoNCE (SPEC §1) of the global batch split over the ranks of `group`.
+    """Bidirectional InfoNCE (math in pyclipfast/clip.py) of the global batch split over the ranks of `group`.
 
     Args:
         image_features, text_features: this rank's shards, (n, D) and (m, D); every rank holds the
@@ -416,7 +416,7 @@ def _clip_counts(image_ids: torch.Tensor, text_ids: torch.Tensor, rank: int, n: 
 
 def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: Optional[torch.Tensor],
                  col_ids: Optional[torch.Tensor], backend: str):
-    """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (SPEC §1).
+    """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (math in pyclipfast/clip.py).
     Without ids the positive sums are not used (the caller forms them)."""
     if backend != "reference":
         return _clip.clip_stats(a, b, scale, row_ids, col_ids, True, backend)
@@ -438,7 +438,7 @@ def siglip_loss(
     group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Sigmoid loss (SPEC §2) of the global batch split over the ranks of `group`.
+    """Sigmoid loss (math in pyclipfast/siglip.py) of the global batch split over the ranks of `group`.
 
     Each rank scores its n image rows against all M gathered texts (ids gathered with them) and
     the shares are summed: L = −1/N Σ_ij log σ(y_ij S_ij) over the global batch, on every rank.

@@ -101,7 +101,7 @@ def test_clip_loss_under_autocast(backend):
 
 
 def _plain_clip(a, b, scale, image_ids, text_ids):
-    """Multi-positive InfoNCE (SPEC §1) with plain torch ops."""
+    """Multi-positive InfoNCE with plain torch ops."""
     logits = scale * a @ b.T
     positive = (image_ids[:, None] == text_ids[None, :]).to(logits.dtype)
     rows = logits.logsumexp(1) - (logits * positive).sum(1) / positive.sum(1)

@@ -2,7 +2,8 @@
 
 The model is a tiny BERT with random weights built on disk (nothing downloaded, dropout 0), in
 float64 so that the fused losses and sentence-transformers' materialised ones agree to rounding;
-one float32 case holds the SPEC §8 tolerance. The batch has 3 hard negatives per anchor and
+one float32 case holds the float32 tolerance of tests/helpers.py. The batch has 3 hard negatives
+per anchor and
 duplicate texts (a positive shared by two anchors, two equal anchors, a hard negative equal to its
 own positive). torch.distributed: 2 gloo ranks run the drop-ins with gather_across_devices=True
 against sentence-transformers' gathered losses and the single-process global batch; 2 and 4 ranks
@@ -133,7 +134,7 @@ def test_values_and_gradients_equal_sentence_transformers(model_and_batch, case)
 
 @pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
 def test_float32_within_spec_tolerance(model_and_batch, name):
-    """float32 against the float64 loss: within SPEC §8's 1e-5, and no worse than 2× sentence-transformers'."""
+    """float32 against the float64 loss: within 1e-5, and no worse than 2× sentence-transformers'."""
     model, features = model_and_batch
     ours, theirs = _classes(name)
     kwargs = {"mini_batch_size": 4} if name.startswith("Cached") else {}
