@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import TrainConfig, UsageError
 
@@ -114,14 +116,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
 def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, progress: Progress, config: dict[str, Any],
                     modules: Optional[Mapping[str, torch.nn.Module]] = None, scaler: Any = None,
-                    rng_per_rank: Optional[list[dict[str, Any]]] = None) -> None:
+                    rng_per_rank: Optional[list[dict[str, Any]]] = None,
+                    model_state: Optional[dict[str, Any]] = None,
+                    optimizer_state: Optional[dict[str, Any]] = None) -> None:
     """Write a resumable checkpoint to `path` atomically (`modules`: the hooks' own parts, by name;
     `scaler`: fp16's gradient scaler, kept when enabled; `rng_per_rank`: every rank's generator states
-    when several processes train, each restored on its rank)."""
+    when several processes train, each restored on its rank; `model_state`, `optimizer_state`: the
+    whole state dicts when the model is sharded, in place of the model's and optimizer's own)."""
     state = {
-        "model": model.state_dict(),
+        "model": model.state_dict() if model_state is None else model_state,
         "modules": {name: module.state_dict() for name, module in (modules or {}).items()},
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "scheduler": scheduler.state_dict(),
         "progress": asdict(progress),
         "rng": rng_states(),
@@ -137,7 +142,7 @@ def save_checkpoint(path: PathLike, *, model: torch.nn.Module, optimizer: torch.
 WEIGHTS_NAME = "open_clip_weights.pt"
 
 
-def export_weights(path: PathLike, model: torch.nn.Module) -> None:
+def export_weights(path: PathLike, model: torch.nn.Module, state: Optional[dict[str, Any]] = None) -> None:
     """Write the model's state dict alone, atomically: the file open_clip loads.
 
         open_clip.create_model(name, pretrained=path)   # or: --pretrained path, in this trainer
@@ -145,7 +150,7 @@ def export_weights(path: PathLike, model: torch.nn.Module) -> None:
     (a model config shipped with the trainer must be registered first: ``open_clip.add_model_config``
     with pyclipfast/train/configs; a SigLIP model needs ``init_logit_bias`` for its bias.)
     """
-    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().cpu() for name, tensor in (model.state_dict() if state is None else state).items()}
     atomic_write(path, lambda file: torch.save(state, file))
 
 
@@ -180,8 +185,15 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
 def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: Any, modules: Optional[Mapping[str, torch.nn.Module]] = None, scaler: Any = None,
             rank: int = 0) -> Progress:
-    """Load the model, the hooks' modules, optimizer, scheduler and scaler states; set the RNGs; return the progress."""
-    model.load_state_dict(state["model"])
+    """Load the model, the hooks' modules, optimizer, scheduler and scaler states; set the RNGs; return the progress.
+
+    A model sharded by FSDP2 takes the whole tensors (of a sharded or a single-process run) as its shards.
+    """
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded:
+        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state["model"])
     modules = modules or {}
     saved_modules = state.get("modules", {})
     if set(saved_modules) != set(modules):
@@ -189,10 +201,25 @@ def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.o
                          f"{sorted(modules)}; resume with the same methods")
     for name, module in modules.items():
         module.load_state_dict(saved_modules[name])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(_sharded_like(state["optimizer"], optimizer) if sharded else state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     per_rank = state.get("rng_per_rank", [])
     set_rng_states(per_rank[rank] if rank < len(per_rank) else state["rng"])
     return Progress(**state["progress"])
+
+
+def _sharded_like(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A whole optimizer state dict, each state of a sharded parameter cut to this rank's shard (no communication)."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, values in saved["state"].items():
+        parameter = parameters[int(index)]
+        if isinstance(parameter, DTensor):
+            values = {key: distribute_tensor(value.to(parameter.device), parameter.device_mesh, parameter.placements,
+                                             src_data_rank=None)
+                      if isinstance(value, torch.Tensor) and value.shape == parameter.shape else value
+                      for key, value in values.items()}
+        state[index] = values
+    return {**saved, "state": state}

@@ -51,6 +51,7 @@ class TrainConfig:
     threads: Optional[int] = None
     grad_checkpointing: bool = False
     torchcompile: bool = False
+    fsdp: bool = False
     lock_image: bool = False
     lock_text: bool = False
     # data
@@ -155,6 +156,9 @@ _HELP: dict[str, str] = {
     "grad_checkpointing": "recompute the towers' activations in the backward pass (open_clip's "
                           "set_grad_checkpointing): less memory per chunk, more compute",
     "torchcompile": "compile the image and text encoders with torch.compile",
+    "fsdp": "under torchrun, shard the towers' parameters, gradients and optimizer state over the processes "
+            "with torch's FSDP2 (fully_shard) instead of replicating them with DistributedDataParallel: for "
+            "models that do not fit on one device; checkpoints stay whole (they load in one process)",
     "lock_image": "freeze the image tower (LiT: locked-image tuning); it gets no gradient and no second pass",
     "lock_text": "freeze the text tower",
     "train_data": "CSV file (open_clip format) or webdataset shards ('shards/{000..009}.tar'); "

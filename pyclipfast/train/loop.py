@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
 import pyclipfast
@@ -56,7 +57,8 @@ from .metrics import MetricsLog, plot_metrics
 from .model import create_model, create_tokenizer, image_size, model_config, resolve_model_name
 from .runtime import (
     Runtime, all_gather_with_grad, all_reduce_mean, choose_threads, gather_rows, global_term, seed_everything,
-    average_scales, broadcast_object, distributed_towers, gather_objects, setup_runtime, teardown_runtime,
+    average_scales, broadcast_object, distributed_towers, fsdp_no_sync, full_state, gather_objects, setup_runtime,
+    sharded_towers, teardown_runtime,
 )
 
 
@@ -204,12 +206,16 @@ class _Run:
             raise UsageError("--save-frequency counts epochs: with webdataset shards give --train-num-samples too")
         self.hooks = merge_hooks(build_methods(cfg, self.model, self.tokenizer, self.data, runtime, echo), hooks)
         self.evaluations = self._evaluations(size)
+        self.fsdp = cfg.fsdp and runtime.world_size > 1
+        if self.fsdp:
+            check_fsdp(self.hooks, cfg)
+        # Before the optimizer: FSDP2 replaces the parameters with sharded ones.
+        self.ddp = sharded_towers(self.model, runtime) if self.fsdp else distributed_towers(self.model, runtime)
         parameters = param_groups(self.model, cfg.weight_decay, self.hooks.modules.values())
         self.optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(cfg, self.batches_per_epoch))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=cfg.precision == "fp16")
         self.loss = contrastive_loss(cfg, runtime)
-        self.ddp = distributed_towers(self.model, runtime)
         self.towers = torch.compile(self.ddp, backend=COMPILE_BACKEND) if cfg.torchcompile else self.ddp
         self.encoders = self._encoders()
         if runtime.world_size > 1:  # dropout and other draws of the step differ per rank (the model is built alike)
@@ -318,12 +324,12 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         _, (loss, terms) = grad_cache_step(
             self.encoders, [batch.images, batch.tokens], loss_fn, self.cfg.chunk_size, joint=self._encode_both,
-            no_sync=self.ddp.no_sync if world > 1 else None,
+            no_sync=self._no_sync() if world > 1 else None,
             trainable=[not self.cfg.lock_image, not self.cfg.lock_text])
         average_scales(self.model, self.runtime)
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trained_parameters, self.cfg.grad_clip)
+            clip_grad_norm(self.trained_parameters, self.cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler then moves on)
         self.scaler.step(self.optimizer)  # fp16: skipped when a gradient is not finite (every rank alike)
         self.scaler.update()
@@ -335,6 +341,10 @@ class _Run:
         values = {"loss": loss, **{f"loss/{name}": value for name, value in terms.items() if len(terms) > 1}}
         return values, lr  # tensors: read (a host sync) only when logged
 
+    def _no_sync(self) -> Callable[[], Any]:
+        """The context factory under which gradient caching's backward passes skip the gradient sync."""
+        return partial(fsdp_no_sync, self.model) if self.fsdp else self.ddp.no_sync
+
     # ------------------------------------------------------------------ evaluation, saving
 
     def evaluate(self) -> dict[str, float]:
@@ -345,11 +355,17 @@ class _Run:
     def save(self) -> None:
         """The resumable checkpoint.pt and, beside it, the weights open_clip loads (open_clip_weights.pt)."""
         rng = gather_objects(rng_states(), self.runtime)  # every rank's generators (per-rank dropout streams)
+        model_state = optimizer_state = None
+        if self.fsdp:  # the whole tensors, gathered by every rank: the checkpoint loads in one process
+            model_state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+            optimizer_state = full_state(self.optimizer.state_dict())
         if self.runtime.is_main:
             save_checkpoint(self.checkpoint_path, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, progress=self.progress, config=self.cfg.to_dict(),
-                            modules=self.hooks.modules, scaler=self.scaler, rng_per_rank=rng)
-            export_weights(self.weights_path, self.model)
+                            modules=self.hooks.modules, scaler=self.scaler, rng_per_rank=rng,
+                            model_state=model_state, optimizer_state=optimizer_state)
+            export_weights(self.weights_path, self.model, model_state)
 
     def save_epoch(self, epoch: int) -> None:
         """--save-frequency: keep checkpoint.pt (just written) as epoch_K.pt; drop the previous one if asked."""
@@ -436,6 +452,32 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig) -> None:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
     if cfg.lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+
+
+def check_fsdp(hooks: Hooks, cfg: TrainConfig) -> None:
+    """--fsdp trains the plain CLIP/SigLIP step: the methods' hooks read the model's parameters whole."""
+    if hooks.batch_transform or hooks.loss or hooks.loss_terms or hooks.after_step or hooks.modules:
+        raise UsageError("--fsdp trains the plain CLIP/SigLIP step; the training methods (--clipc-rate, --clipin, "
+                         "--teacher, ...) read the model's parameters whole: run them without --fsdp")
+    if cfg.torchcompile:
+        raise UsageError("--fsdp with --torchcompile is not supported; drop one of them")
+
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> None:
+    """torch's clip_grad_norm_, also over a mix of FSDP2-sharded (DTensor) and whole gradients."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if not sharded:
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    norms = [torch.nn.utils.get_total_norm(sharded).full_tensor()]
+    if whole:
+        norms.append(torch.nn.utils.get_total_norm(whole).to(norms[0].device))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
 
 
 def check_chunking(model: torch.nn.Module, cfg: TrainConfig, runtime: Runtime) -> None:
@@ -555,7 +597,8 @@ def _train(cfg: TrainConfig, hooks: Hooks, runtime: Runtime, echo: Callable[[str
     chunks = "" if cfg.chunk_size is None else f", chunks of {cfg.chunk_size}"
     echo(f"pyclipfast.train: {cfg.model} ({sum(p.numel() for p in run.model.parameters()) / 1e6:.1f}M params), "
          f"{cfg.loss} loss, batch {cfg.batch_size}{chunks}, {cfg.steps} steps on {runtime.device}"
-         f"{f' x{runtime.world_size}' if runtime.world_size > 1 else ''}, {cfg.precision}; output in {run.out}")
+         f"{f' x{runtime.world_size}' if runtime.world_size > 1 else ''}{' sharded (FSDP2)' if run.fsdp else ''}, "
+         f"{cfg.precision}; output in {run.out}")
     if resumed_at:
         echo(f"resumed from step {resumed_at} (epoch {run.progress.epoch}, batch {run.progress.batch_in_epoch})")
 

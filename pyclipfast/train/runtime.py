@@ -8,11 +8,18 @@ all-reduces the gradients, overlapped with the backward pass. DDP averages over 
 while pyclipfast's distributed losses give every rank its share of the gradient of the
 *global* loss (their sum is the single-process gradient), so the trainer back-propagates
 W times the loss: the average is then the single-process gradient.
+
+With --fsdp the towers are sharded instead (`sharded_towers`, torch's FSDP2 `fully_shard`): every
+transformer block, then the whole model, holds 1/W of its parameters, gradients and optimizer
+state; a block's parameters are gathered for its forward and backward, and its gradients
+reduce-scattered (averaged, as DDP does). Checkpoints gather whole state dicts (`full_state`).
 """
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -141,6 +148,66 @@ def distributed_towers(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Mod
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(towers, ignored)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(towers, device_ids=device_ids, find_unused_parameters=True)
+
+
+def sharded_towers(model: torch.nn.Module, runtime: Runtime) -> Towers:
+    """`Towers(model)` with the model sharded by FSDP2 over the processes (--fsdp): the parameters become DTensors.
+
+    Each transformer block (open_clip's ResidualAttentionBlock, or any module with a `resblocks`
+    list) is a unit of its own, the rest of the model one more; the logit scale and bias stay whole
+    (the loss uses them outside the towers; `average_scales` averages their gradients). Rank 0's
+    parameters and buffers are broadcast first, as DDP does. encode_image
+    and encode_text gather the parameters as forward does, so evaluation and the towers call them directly.
+    Build the optimizer after this: the model's parameters are new objects.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if runtime.world_size == 1:
+        return Towers(model)
+    blocks = [block for module in model.modules() if isinstance(getattr(module, "resblocks", None), torch.nn.ModuleList)
+              for block in module.resblocks]
+    with torch.no_grad():  # every rank starts from rank 0's model, as under DDP
+        for tensor in (*model.parameters(), *model.buffers()):
+            dist.broadcast(tensor, src=0)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model, ignored_params={p for name, p in model.named_parameters() if name in SCALES})
+    for method in ("encode_image", "encode_text"):
+        register_fsdp_forward_method(model, method)
+    return Towers(model)
+
+
+@contextmanager
+def fsdp_no_sync(model: torch.nn.Module) -> Iterator[None]:
+    """FSDP2's DDP.no_sync: gradients accumulate unsharded on each rank, reduce-scattered at the next synced step."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` has parameters sharded by FSDP2 (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state(value):
+    """`value` (a state dict, nested dicts and lists) with every DTensor gathered whole onto the CPU.
+
+    A collective when sharded: every rank calls it with the same structure.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    if isinstance(value, dict):
+        return {key: full_state(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(full_state(item) for item in value)
+    return value
 
 
 def average_scales(model: torch.nn.Module, runtime: Runtime) -> None:

@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import sys
@@ -260,3 +261,55 @@ def test_resume_is_decided_on_rank_0(tmp_path):
     one = load_checkpoint(single.checkpoint, torch.device("cpu"))["model"]
     for name, tensor in one.items():
         assert torch.allclose(state["model"][name], tensor, rtol=1e-4, atol=1e-6), name
+
+
+def test_fsdp_on_two_ranks_takes_the_single_process_steps_resumes_and_evaluates_the_whole_val_set(tmp_path):
+    """--fsdp on 2 gloo ranks × 16 pairs follows the 1 × 32 run (loss per step within 1e-5, gradient caching's
+    chunks and --grad-clip included) across a stop and resume; its checkpoint resumes in one process and its
+    weights load in open_clip. Every rank embeds all the --val-data shards: the recall equals the single
+    process's (the model is the same before training; a rank evaluating half the pairs would differ). Rank 1
+    builds another model: the sharded one starts from rank 0's, as DDP does."""
+    write_shards(tmp_path / "val", shards=2, per_shard=8, caption=lambda i: f"a square of grey level {i}")
+    settings = dict(train_size=64, batch_size=32, chunk_size=8, steps=3, eps=1e-3, grad_clip=1.0, eval_at_start=True,
+                    val_data=str(tmp_path / "val" / "shard-{0..1}.tar"))
+    single = train(micro(tmp_path / "one", **settings))
+    two = tmp_path / "two" / "run"
+    register_configs()
+    torch.manual_seed(5)
+    torch.save(open_clip.create_model("pcf-micro-32").state_dict(), tmp_path / "other.pt")
+    other_start = {1: {"pretrained": str(tmp_path / "other.pt")}}  # rank 0's parameters reach every rank
+    assert run_on_ranks(micro(tmp_path / "two", fsdp=True, stop_at=2, **settings), 2, timeout=120,
+                        per_rank=other_start) == []
+    shutil.copyfile(two / "checkpoint.pt", tmp_path / "step-2.pt")
+    assert run_on_ranks(micro(tmp_path / "two", fsdp=True, resume="auto", **settings), 2, timeout=120) == []
+    assert "cpu x2 sharded (FSDP2)" in (two / "out.log").read_text()
+
+    one_losses, two_losses = _train_losses(single.metrics_path), _train_losses(two / "metrics.jsonl")
+    assert len(one_losses) == len(two_losses) == 3
+    assert np.abs(np.array(one_losses) - np.array(two_losses)).max() < 1e-5, (one_losses, two_losses)
+    evals = {path: [r for r in read_metrics(path) if r["kind"] == "eval"] for path in (single.metrics_path,
+                                                                                      two / "metrics.jsonl")}
+    first_one, first_two = evals[single.metrics_path][0], evals[two / "metrics.jsonl"][0]
+    assert first_one["step"] == first_two["step"] == 0 and "val/t2i_R@10" in first_one
+    assert {k: v for k, v in first_two.items() if k.startswith("val/")} == \
+        {k: v for k, v in first_one.items() if k.startswith("val/")}
+
+    # The sharded run's checkpoint is whole: one process resumes it and takes the single-process step 3.
+    resumed = train(micro(tmp_path / "three", resume=str(tmp_path / "step-2.pt"), **settings))
+    assert abs(_train_losses(resumed.metrics_path)[-1] - one_losses[-1]) < 1e-5
+    state = load_checkpoint(two / "checkpoint.pt", torch.device("cpu"))
+    for name, tensor in load_checkpoint(single.checkpoint, torch.device("cpu"))["model"].items():
+        assert torch.allclose(state["model"][name], tensor, rtol=1e-4, atol=1e-6), name
+    exported = open_clip.create_model("pcf-micro-32", pretrained=str(two / "open_clip_weights.pt"))
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, state["model"][name]), name
+
+
+def test_fsdp_refuses_the_training_methods(tmp_path):
+    from pyclipfast.train.hooks import Hooks
+    from pyclipfast.train.loop import check_fsdp
+
+    with pytest.raises(UsageError, match="--fsdp trains the plain CLIP/SigLIP step"):
+        check_fsdp(Hooks(after_step=lambda model, step: None), micro(tmp_path, fsdp=True))
+    with pytest.raises(UsageError, match="--fsdp with --torchcompile"):
+        check_fsdp(Hooks(), micro(tmp_path, fsdp=True, torchcompile=True))

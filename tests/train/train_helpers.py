@@ -35,13 +35,13 @@ def write_images(folder, count, corrupt=()):
     return paths
 
 
-def write_shards(folder, shards, per_shard):
-    """Webdataset shards shard-<k>.tar of small PNGs with captions."""
+def write_shards(folder, shards, per_shard, caption=lambda i: "a grey square"):
+    """Webdataset shards shard-<k>.tar of small PNGs (grey levels) with captions (`caption(i)` for sample i)."""
     paths = write_images(folder / "images", shards * per_shard)
     for shard in range(shards):
         with tarfile.open(folder / f"shard-{shard}.tar", "w") as tar:
             for i in range(shard * per_shard, (shard + 1) * per_shard):
-                for name, data in ((f"{i:04d}.png", paths[i].read_bytes()), (f"{i:04d}.txt", b"a grey square")):
+                for name, data in ((f"{i:04d}.png", paths[i].read_bytes()), (f"{i:04d}.txt", caption(i).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
