@@ -1,4 +1,4 @@
-"""CLIPin (`--clipin`): a non-contrastive plug-in beside the contrastive loss, SPEC §4.
+"""CLIPin (`--clipin`): a non-contrastive plug-in beside the contrastive loss.
 
 Per step, from the batch (images x, captions t) and the step's generator:
 
@@ -53,7 +53,7 @@ def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
 
 
 def ema_update(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], momentum: float) -> None:
-    """θ_t ← m·θ_t + (1 − m)·θ_o in place, for every pair, with torch's foreach ops (SPEC §4)."""
+    """θ_t ← m·θ_t + (1 − m)·θ_o in place, for every pair, with torch's foreach ops."""
     with torch.no_grad():
         torch._foreach_mul_(target, momentum)
         torch._foreach_add_(target, online, alpha=1.0 - momentum)
