@@ -61,7 +61,17 @@ Direction = Literal["query_to_doc", "query_to_query", "doc_to_query", "doc_to_do
 
 # --------------------------------------------------------------------------- the drop-ins
 
-class _FusedRanking:
+class _DuplicatesInConfig:
+    """The ``duplicates`` option in the saved configuration, beside the original's arguments."""
+
+    def get_config_dict(self) -> dict[str, Any]:
+        config = super().get_config_dict()
+        if self.duplicates is not None:
+            config["duplicates"] = self.duplicates
+        return config
+
+
+class _FusedRanking(_DuplicatesInConfig):
     """compute_loss_from_embeddings on the fused kernels, for a sentence-transformers MNRL subclass."""
 
     duplicates: Optional[str] = None
@@ -106,12 +116,6 @@ class _FusedRanking:
         # Computed in float32 at least; returned in the embeddings' dtype, as sentence-transformers does
         # (under autocast: the reduced precision its callers expect).
         return loss.to(embeddings[0].dtype)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        config = super().get_config_dict()
-        if self.duplicates is not None:
-            config["duplicates"] = self.duplicates
-        return config
 
 
 class MultipleNegativesRankingLoss(_FusedRanking, _st_losses.MultipleNegativesRankingLoss):
@@ -159,7 +163,7 @@ class MultipleNegativesSymmetricRankingLoss(_FusedRanking, _st_losses.MultipleNe
         self._check_fusable_duplicates()
 
 
-class _FusedCached:
+class _FusedCached(_DuplicatesInConfig):
     """GradCache (sentence-transformers' CachedLossMixin) with the fused loss on the whole batch.
 
     Step 1 embeds the mini-batches without autograd, step 2 runs the fused loss on all n·(K+1)
@@ -207,12 +211,6 @@ class _FusedCached:
             loss.backward()
             loss = loss.detach()
         return loss
-
-    def get_config_dict(self) -> dict[str, Any]:
-        config = super().get_config_dict()
-        if self.duplicates is not None:
-            config["duplicates"] = self.duplicates
-        return config
 
 
 class CachedMultipleNegativesRankingLoss(_FusedCached, _st_losses.CachedMultipleNegativesRankingLoss):
