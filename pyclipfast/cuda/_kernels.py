@@ -289,17 +289,26 @@ def _distill_teacher(ta: OptTensor, tb: OptTensor, teacher_scale: OptTensor, a: 
                 teacher_scale=teacher_scale.data_ptr())
 
 
+def _distill_fields(a: Tensor, b: Tensor, scale: Tensor, ta: OptTensor, tb: OptTensor,
+                    teacher_scale: OptTensor, row_ids: OptTensor, col_ids: OptTensor, margin: float,
+                    threshold: Optional[float], kd: int, angle_eps: float, tf32: bool) -> Dict:
+    """The kernel fields both distillation launchers share: scores, ids, teacher and options (checked)."""
+    dtype = _check_features(a, b)
+    _check_f32(_tensor(scale, "scale"), "scale", 1)
+    options = _distill_options(margin, threshold, kd, angle_eps)
+    teacher = _distill_teacher(ta, tb, teacher_scale, a, b, options)
+    pos_mode = _check_ids(row_ids, col_ids, a.shape[0], b.shape[0])
+    return dict(_score(a, b, scale, dtype, tf32, pos_mode, row_ids, col_ids), **teacher, **options)
+
+
 def distill_forward(a: Tensor, b: Tensor, scale: Tensor, ta: OptTensor, tb: OptTensor, teacher_scale: OptTensor,
                     row_ids: OptTensor, col_ids: OptTensor, row_part: Tensor, col_part: Tensor, row_groups: int,
                     col_groups: int, row_blocks_per_group: int, col_blocks_per_group: int, margin: float,
                     threshold: Optional[float], kd: int, angle_eps: float, tf32: bool) -> None:
     """Distillation forward sweep: per-group statistics of Z, U and V along rows and columns."""
-    dtype = _check_features(a, b)
+    fields = _distill_fields(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, margin, threshold, kd,
+                             angle_eps, tf32)
     n, m = a.shape[0], b.shape[0]
-    _check_f32(_tensor(scale, "scale"), "scale", 1)
-    options = _distill_options(margin, threshold, kd, angle_eps)
-    teacher = _distill_teacher(ta, tb, teacher_scale, a, b, options)
-    pos_mode = _check_ids(row_ids, col_ids, n, m)
     _check_groups("row", row_groups, row_blocks_per_group, math.ceil(n / BLOCK_M), INT32_MAX)
     _check_groups("col", col_groups, col_blocks_per_group, math.ceil(m / BLOCK_N), MAX_GRID_Y)
     stats = DISTILL_STATS if kd else DISTILL_STATS_NO_KD
@@ -308,7 +317,7 @@ def distill_forward(a: Tensor, b: Tensor, scale: Tensor, ta: OptTensor, tb: OptT
     _run("distill_forward", ("a", a),
          dict(b=b, scale=scale, ta=ta, tb=tb, teacher_scale=teacher_scale, row_ids=row_ids, col_ids=col_ids,
               row_part=row_part, col_part=col_part),
-         dict(_score(a, b, scale, dtype, tf32, pos_mode, row_ids, col_ids), **teacher, **options,
+         dict(fields,
               row_part=row_part.data_ptr(), col_part=col_part.data_ptr(),
               **_groups(row_groups, col_groups, row_blocks_per_group, col_blocks_per_group)))
 
@@ -318,12 +327,9 @@ def distill_grad(a: Tensor, b: Tensor, scale: Tensor, ta: OptTensor, tb: OptTens
                  g_out: OptTensor, dscale_part: Tensor, row0: int, row1: int, col0: int, col1: int, margin: float,
                  threshold: Optional[float], kd: int, angle_eps: float, tf32: bool) -> None:
     """Distillation gradient tiles H·inv_norm of one block and their dscale partials."""
-    dtype = _check_features(a, b)
+    fields = _distill_fields(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, margin, threshold, kd,
+                             angle_eps, tf32)
     n, m = a.shape[0], b.shape[0]
-    _check_f32(_tensor(scale, "scale"), "scale", 1)
-    options = _distill_options(margin, threshold, kd, angle_eps)
-    teacher = _distill_teacher(ta, tb, teacher_scale, a, b, options)
-    pos_mode = _check_ids(row_ids, col_ids, n, m)
     vectors = DISTILL_VECTORS if kd else DISTILL_VECTORS_NO_KD
     _check_f32(_tensor(row_vec, "row_vec"), "row_vec", vectors, n)
     _check_f32(_tensor(col_vec, "col_vec"), "col_vec", vectors, m)
@@ -334,7 +340,7 @@ def distill_grad(a: Tensor, b: Tensor, scale: Tensor, ta: OptTensor, tb: OptTens
     _run("distill_grad", ("a", a),
          dict(b=b, scale=scale, ta=ta, tb=tb, teacher_scale=teacher_scale, row_ids=row_ids, col_ids=col_ids,
               row_vec=row_vec, col_vec=col_vec, inv_norm=inv_norm, g_out=g_out, dscale_part=dscale_part),
-         dict(_score(a, b, scale, dtype, tf32, pos_mode, row_ids, col_ids), **teacher, **options,
+         dict(fields,
               row_vec=row_vec.data_ptr(), col_vec=col_vec.data_ptr(), inv_norm=inv_norm.data_ptr(),
               **_g_out(g_out), dscale_part=dscale_part.data_ptr(), **_block(row0, row1, col0, col1)))
 
