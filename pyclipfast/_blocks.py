@@ -32,6 +32,14 @@ def merge_lse(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
     return top + torch.log((part_sum * torch.exp(part_max - top)).sum(0))
 
 
+def merge_lse_allowing_empty(part_max: torch.Tensor, part_sum: torch.Tensor) -> torch.Tensor:
+    """`merge_lse` where a line may have no finite score at all (every pair excluded by a pair
+    rule): −∞ there instead of NaN."""
+    top = part_max.amax(0)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    return top + torch.log((part_sum * torch.exp(part_max - shift)).sum(0))
+
+
 def merge_weighted(part_max: torch.Tensor, part_sum: torch.Tensor, part_weighted: torch.Tensor) -> torch.Tensor:
     """Σ softmax(x)·y from per-group partials (max, Σ exp(x − max), Σ exp(x − max)·y) along dim 0."""
     w = torch.exp(part_max - part_max.amax(0))

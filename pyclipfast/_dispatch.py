@@ -89,6 +89,8 @@ def _resolve(loss: str, backend: str, device_type: str, dtype: torch.dtype) -> s
         from . import _ops
 
         _ops.ops(loss, name)
+        if loss == "clip":  # the rows-only pair-rule operator shares the InfoNCE kernels
+            _ops.ops("clip_pairs", name)
     return name
 
 

@@ -2,6 +2,8 @@
 
     pyclipfast::clip_forward_<backend>     (A, B, s, ids)        -> row_lse, col_lse, row_pos, col_pos
     pyclipfast::clip_backward_<backend>    (..., upstream grads) -> dA, dB, ds
+    pyclipfast::clip_pairs_forward_<backend>  (A, B, s, ids, rule, α) -> row_lse (rows only, a pair rule)
+    pyclipfast::clip_pairs_backward_<backend> (..., upstream grad)     -> dA, dB, ds
     pyclipfast::siglip_<backend>           (A, B, s, b, ids)     -> loss, dA, dB, ds, db
     pyclipfast::distill_forward_<backend>  (A, B, s, Tᵃ, Tᵇ, t)  -> the ten statistics of pyclipfast/distill.py
     pyclipfast::distill_backward_<backend> (..., upstream grads) -> dA, dB, ds
@@ -220,6 +222,58 @@ def _register_clip(backend: str) -> Dict[str, Callable]:
     return {"forward": fwd, "backward": bwd, "function": _function("ClipStats", fwd, setup_context, grads)}
 
 
+# ---------------------------------------------------------------- InfoNCE rows with a pair rule
+
+def _register_clip_pairs(backend: str) -> Dict[str, Callable]:
+    """Rows-only log-sum-exp under a pair rule (pyclipfast/clip.py `clip_row_lse`): the InfoNCE
+    kernels with `rule` (PAIR_RULES) and `penalty` set, the ids selecting pairs instead of positives."""
+    impl = implementation("clip", backend)
+
+    def forward(a: Tensor, b: Tensor, scale: Tensor, row_ids: Tensor, col_ids: Tensor, rule: int,
+                penalty: float) -> Tensor:
+        with _no_autocast(a):
+            row_lse, _, poison, _ = impl.clip_forward(a, b, scale, row_ids, col_ids, False, rule=rule, penalty=penalty)
+        return row_lse + poison  # poison: 0, or NaN where a kept pair's score is not finite
+
+    def forward_fake(a, b, scale, row_ids, col_ids, rule, penalty):
+        return _vec(a, a.shape[0])
+
+    def backward(a: Tensor, b: Tensor, scale: Tensor, row_ids: Tensor, col_ids: Tensor, rule: int, penalty: float,
+                 row_lse: Tensor, g_row: Tensor, need_a: bool, need_b: bool,
+                 need_scale: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        with _no_autocast(a):
+            da, db, dscale = impl.clip_backward(a, b, scale, row_ids, col_ids, row_lse, None, g_row, None, None, None,
+                                                need_a=need_a, need_b=need_b, need_scale=need_scale, rule=rule,
+                                                penalty=penalty)
+        return _or_empty(da, a), _or_empty(db, a), _or_empty(dscale, a)
+
+    def backward_fake(a, b, scale, row_ids, col_ids, rule, penalty, row_lse, g_row, need_a, need_b, need_scale):
+        return _grad_like(a, need_a), _grad_like(b, need_b), _scalar(a, need_scale)
+
+    fwd = _define("clip_pairs_forward", backend, forward, forward_fake)
+    bwd = _define("clip_pairs_backward", backend, backward, backward_fake)
+    bwd.register_autograd(_first_order_only)
+    bwd_op = bwd._opoverload
+
+    def setup_context(ctx, inputs, output):
+        a, b, scale, row_ids, col_ids, rule, penalty = inputs
+        ctx.rule, ctx.penalty = rule, penalty
+        ctx.save_for_backward(a, b, scale, row_ids, col_ids, output)
+
+    def grads(ctx, g_row):
+        a, b, scale, row_ids, col_ids, row_lse = ctx.saved_tensors
+        need_a, need_b, need_scale = ctx.needs_input_grad[:3]
+        with torch.no_grad():
+            da, db, dscale = bwd_op(a, b, scale, row_ids, col_ids, ctx.rule, ctx.penalty, row_lse, g_row, need_a,
+                                    need_b, need_scale)
+        da, db, dscale = _first_order((da if need_a else None, db if need_b else None,
+                                       _scale_grad(dscale, scale) if need_scale else None), (a, b, scale, g_row))
+        return da, db, dscale, None, None, None, None
+
+    fwd.register_autograd(grads, setup_context=setup_context)
+    return {"forward": fwd, "backward": bwd, "function": _function("ClipPairStats", fwd, setup_context, grads)}
+
+
 # ---------------------------------------------------------------- SigLIP
 
 def _register_siglip(backend: str) -> Dict[str, Callable]:
@@ -375,7 +429,7 @@ def _register_retrieval(backend: str) -> Dict[str, Callable]:
     return {"count": _define("retrieval_count", backend, count, count_fake)}
 
 
-_REGISTER = {"clip": _register_clip, "siglip": _register_siglip, "distill": _register_distill,
+_REGISTER = {"clip": _register_clip, "clip_pairs": _register_clip_pairs, "siglip": _register_siglip, "distill": _register_distill,
              "cosine": _register_cosine, "retrieval": _register_retrieval}
 
 

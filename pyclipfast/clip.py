@@ -13,6 +13,7 @@ kernel and its gradient is exactly zero.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -33,6 +34,56 @@ def clip_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: O
     row_lse, col_lse, row_pos, col_pos = run(ops("clip", backend), a, b, scale, row_ids, distinct(row_ids, col_ids),
                                              bidirectional)
     return (row_lse, col_lse, row_pos, col_pos) if bidirectional else (row_lse, None, row_pos, None)
+
+
+# Pair rules of `clip_row_lse`, and their codes in the kernels (0: no rule, the plain InfoNCE).
+PAIR_RULES = {"exclude_equal": 1, "penalise_unequal": 2, "penalise_equal": 3}
+
+
+def clip_row_lse(rows: torch.Tensor, cols: torch.Tensor, scale: ScaleLike, row_ids: torch.Tensor,
+                 col_ids: torch.Tensor, *, rule: str, penalty: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """Per-row log-sum-exp of the scores under a pair rule on the ids, fused (no N×M matrix).
+
+        L_ij = s·⟨A_i, B_j⟩                          by default
+        L_ij = −∞                                     "exclude_equal" and row_ids_i == col_ids_j
+        L_ij = s·⟨A_i, B_j⟩ + α·stop_grad(⟨A_i, B_j⟩)  "penalise_equal" (ids equal) or
+                                                      "penalise_unequal" (ids differ)
+        r_i  = logsumexp_j L_ij
+
+    Gradient, for an upstream g on r, with G_ij = g_i·exp(L_ij − r_i) (0 on excluded pairs):
+    dA = s·G·B, dB = s·Gᵀ·A, ds = Σ_ij G_ij⟨A_i, B_j⟩ (α is a constant: no gradient through the
+    penalty). A row whose every pair is excluded has r_i = −∞ and a zero gradient.
+
+    Args:
+        rows, cols: (N, D) and (M, D) features, same dtype and device.
+        scale: s > 0; a tensor receives a gradient.
+        row_ids, col_ids: integer ids (N,) and (M,); here they only select pairs (no positives).
+        rule: "exclude_equal", "penalise_unequal" or "penalise_equal".
+        penalty: α, a finite number (ignored by "exclude_equal").
+        backend: as for `clip_loss`.
+
+    Returns:
+        r, (N,), float32 (float64 for float64 features).
+    """
+    check_features("rows", rows)
+    check_features("cols", cols, like=rows, like_name="rows")
+    check_option("rule", rule, tuple(PAIR_RULES))
+    if row_ids is None or col_ids is None:
+        raise ValueError("clip_row_lse needs both row_ids and col_ids: the pair rule compares them")
+    row_ids, col_ids = check_ids(row_ids, col_ids, rows, cols, names=("row_ids", "col_ids"), require_square=False)
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty):
+        raise ValueError(f"penalty must be a finite number, got {penalty!r}")
+    name = resolve("clip", backend, rows)
+    scale = as_scale("scale", scale, rows)
+    check_finite("rows", rows)
+    check_finite("cols", cols)
+    if name == "reference":
+        return reference.clip_row_lse(rows, cols, scale, row_ids, col_ids, rule, float(penalty))
+    fused = ops("clip_pairs", name)
+    args = (rows, cols, scale, row_ids, distinct(row_ids, col_ids), PAIR_RULES[rule], float(penalty))
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (rows, cols, scale)):
+        return fused["function"].apply(*args)
+    return fused["forward"](*args)
 
 
 def clip_loss(

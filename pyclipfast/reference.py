@@ -46,6 +46,27 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, im
     return 0.5 * (rows + cols)
 
 
+def clip_row_lse(rows, cols, scale, row_ids, col_ids, rule: str, penalty: float = 0.0) -> torch.Tensor:
+    """r_i = logsumexp_j L_ij with a pair rule on the ids (pyclipfast/clip.py `clip_row_lse`).
+
+    L_ij = s·⟨A_i, B_j⟩, −∞ on the excluded pairs ("exclude_equal"), + α·stop_grad(⟨A_i, B_j⟩) on
+    the penalised ones ("penalise_unequal", "penalise_equal"). A row with every pair excluded
+    gets r_i = −∞ and a zero gradient.
+    """
+    cd = compute_dtype(rows)
+    dot = rows.to(cd) @ cols.to(cd).T
+    logit = scale.to(cd) * dot
+    same = row_ids[:, None] == col_ids[None, :]
+    if rule == "exclude_equal":
+        logit = logit.masked_fill(same, float("-inf"))
+    else:
+        selected = same if rule == "penalise_equal" else ~same
+        logit = logit + penalty * dot.detach() * selected
+    empty = torch.isneginf(logit).all(1, keepdim=True)
+    lse = torch.logsumexp(logit.masked_fill(empty, 0.0), 1)
+    return lse.masked_fill(empty[:, 0], float("-inf"))
+
+
 def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, image_ids=None, text_ids=None,
                 negative_only: bool = False) -> torch.Tensor:
     """L = -(1/N) Σ_ij log σ(y_ij S_ij), y = +1 on positives, -1 elsewhere."""

@@ -12,6 +12,9 @@ Backward (recompute each tile), for upstream gradients g of those four vectors:
 
 Row statistics are exact within a row chunk; column statistics are merged
 across row chunks with the online (max, sum-exp) rule.
+
+With a pair rule (`rule`, `penalty`: pyclipfast/clip.py `clip_row_lse`) the sweep is rows only
+and the ids select excluded or penalised pairs instead of positives (see the end of this file).
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ from ._tiles import TileScores, add_positive_grad, nonfinite_poison, positive_ti
 
 
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                 row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool):
+                 row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool,
+                 rule: int = 0, penalty: float = 0.0):
+    if rule:
+        return _pair_rule_forward(a, b, scale, row_ids, col_ids, rule, penalty)
     n, m = a.shape[0], b.shape[0]
     ts = TileScores(a, b, scale)
     opts = dict(dtype=ts.cd, device=a.device)
@@ -72,7 +78,11 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                   row_lse: torch.Tensor, col_lse: Optional[torch.Tensor],
                   g_row: Optional[torch.Tensor], g_col: Optional[torch.Tensor],
                   g_row_pos: Optional[torch.Tensor], g_col_pos: Optional[torch.Tensor],
-                  need_a: bool = True, need_b: bool = True, need_scale: bool = True):
+                  need_a: bool = True, need_b: bool = True, need_scale: bool = True,
+                  rule: int = 0, penalty: float = 0.0):
+    if rule:
+        return _pair_rule_backward(a, b, scale, row_ids, col_ids, row_lse, g_row, need_a, need_b, need_scale,
+                                   rule, penalty)
     n, m = a.shape[0], b.shape[0]
     ts = TileScores(a, b, scale)
     opts = dict(dtype=ts.cd, device=a.device)
@@ -124,3 +134,83 @@ def _log_weight_shift(lse: Optional[torch.Tensor], weight: Optional[torch.Tensor
     if weight is None or weight.device.type != "cpu" or not bool((weight > 0).all()):
         return None
     return lse - weight.to(lse.dtype).log()
+
+
+# ---------------------------------------------------------------- rows only, with a pair rule
+#
+#     L_ij = s·⟨A_i, B_j⟩, −∞ on excluded pairs, + α·⟨A_i, B_j⟩ on penalised ones (rule 1: exclude
+#     equal ids; 2: penalise unequal ids; 3: penalise equal ids), row_lse_i = logsumexp_j L_ij
+#     G_ij = g_row_i·exp(L_ij − row_lse_i),  dA = s·G·B,  dB = s·Gᵀ·A,  dscale = Σ_ij G_ij⟨A_i, B_j⟩
+#
+# The ids select pairs only (no positive sums). A row with every pair excluded has row_lse −∞ and
+# G = 0 (its shift is 0, not −∞).
+
+def _pair_logits(ts: TileScores, a_rows: torch.Tensor, b_cols: torch.Tensor, row_ids: torch.Tensor,
+                 col_ids: torch.Tensor, i0: int, i1: int, j0: int, j1: int, rule: int, penalty: float):
+    """L of one tile."""
+    dot = a_rows @ b_cols.T
+    logit = dot * ts.scale
+    selected = row_ids[i0:i1, None] == col_ids[None, j0:j1]
+    if rule == 2:
+        selected = ~selected
+    if rule == 1:
+        return logit.masked_fill_(selected, float("-inf"))
+    return logit.add_(dot * selected, alpha=penalty)
+
+
+def _finite_shift(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x == float("-inf"), torch.zeros_like(x), x)
+
+
+def _pair_rule_forward(a, b, scale, row_ids, col_ids, rule: int, penalty: float):
+    n, m = a.shape[0], b.shape[0]
+    ts = TileScores(a, b, scale)
+    opts = dict(dtype=ts.cd, device=a.device)
+    row_lse = torch.empty(n, **opts)
+    for i0, i1 in spans(n, _tiles.TILE_ROWS):
+        a_rows = ts.rows(i0, i1)
+        run_max = torch.full((i1 - i0,), float("-inf"), **opts)
+        run_sum = torch.zeros(i1 - i0, **opts)
+        for j0, j1 in spans(m, _tiles.TILE_COLS):
+            logit = _pair_logits(ts, a_rows, ts.cols(j0, j1), row_ids, col_ids, i0, i1, j0, j1, rule, penalty)
+            new_max = torch.maximum(run_max, logit.amax(1))
+            shift = _finite_shift(new_max)
+            run_sum = run_sum * (run_max - shift).exp() + (logit - shift[:, None]).exp().sum(1)
+            run_max = new_max
+        row_lse[i0:i1] = run_sum.log() + run_max
+    # 0, or NaN for a non-finite input (an excluded pair could hide it)
+    poison = nonfinite_poison(ts.cd, a, b, scale).expand(n)
+    return row_lse, None, poison, None
+
+
+def _pair_rule_backward(a, b, scale, row_ids, col_ids, row_lse, g_row, need_a: bool, need_b: bool,
+                        need_scale: bool, rule: int, penalty: float):
+    n, m = a.shape[0], b.shape[0]
+    ts = TileScores(a, b, scale)
+    opts = dict(dtype=ts.cd, device=a.device)
+    da = torch.empty(a.shape, **opts) if need_a else None
+    db = torch.zeros(b.shape, **opts) if need_b else None
+    dscale = torch.zeros((), **opts)
+    shift = _finite_shift(row_lse.to(ts.cd))
+    weight = g_row.to(ts.cd)
+    for i0, i1 in spans(n, _tiles.TILE_ROWS):
+        a_rows = ts.rows(i0, i1)
+        acc = torch.zeros(i1 - i0, a.shape[1], **opts)
+        for j0, j1 in spans(m, _tiles.TILE_COLS):
+            b_cols = ts.cols(j0, j1)
+            logit = _pair_logits(ts, a_rows, b_cols, row_ids, col_ids, i0, i1, j0, j1, rule, penalty)
+            g = (logit - shift[i0:i1, None]).exp_().mul_(weight[i0:i1, None])
+            acc.addmm_(g, b_cols)
+            if need_b:
+                db[j0:j1].addmm_(g.T, a_rows)
+        if need_scale:
+            dscale += (acc * a_rows).sum()
+        if need_a:
+            da[i0:i1] = acc * ts.scale
+    if need_b:
+        db.mul_(ts.scale)
+    return (
+        da.to(a.dtype) if need_a else None,
+        db.to(b.dtype) if need_b else None,
+        dscale if need_scale else None,
+    )

@@ -21,6 +21,12 @@ columns (normalised to |G| ≤ 1 so 16-bit storage keeps its precision), and
 sums dscale per tile; the two products with B and A run as GEMMs on the block
 (`blocked_grads`), so the work is the minimum 8·N·M·D FLOPs and only one block
 of G exists at a time.
+
+With a pair rule (PAIR_RULE, penalty: pyclipfast/clip.py `clip_row_lse`) the sweep is rows only,
+S_ij becomes −∞ (rule 1, equal ids) or S_ij + penalty·⟨A_i, B_j⟩ (rule 2: ids differ, rule 3:
+equal ids), the ids select those pairs instead of positives, and G_ij = g_row_i·exp(S_ij − row_lse_i)
+with the products still dA = s·G·B, dB = s·Gᵀ·A, dscale = Σ_ij G_ij⟨A_i, B_j⟩ (no gradient
+through the penalty).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .._blocks import gradient_norm, lse_partials, merge_lse_partials
+from .._blocks import gradient_norm, lse_partials, merge_lse_allowing_empty, merge_lse_partials
 from ._tiles import (
     block_grid, blocked_grads, dot_precision, finite_or_zero, ids_or_dummy, on_input_device, positive_tile, score_tile,
     split_groups, tile_config, vec_or_dummy,
@@ -47,6 +53,7 @@ def _clip_fwd_kernel(
     row_blocks_per_group, col_blocks_per_group,
     POS_MODE: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    penalty, PAIR_RULE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -68,6 +75,8 @@ def _clip_fwd_kernel(
                              stride_am, stride_ak, stride_bn, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
             valid = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
             s = tl.where(valid, acc * scale, float("-inf"))
+            if PAIR_RULE != 0:
+                s = pair_rule(s, acc, row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, penalty, PAIR_RULE)
             # 0·S off the positives: a −∞ score (an infinite feature) leaves no trace in the
             # log-sum-exp, so carry it into the positive sums as NaN.
             s_pos = tl.where(positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, POS_MODE),
@@ -106,6 +115,7 @@ def _clip_grad_kernel(
     HAS_G_ROW: tl.constexpr, HAS_G_COL: tl.constexpr, HAS_G_ROW_POS: tl.constexpr, HAS_G_COL_POS: tl.constexpr,
     POS_MODE: tl.constexpr, STORE_G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    penalty, PAIR_RULE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -117,9 +127,13 @@ def _clip_grad_kernel(
     acc = score_tile(a_ptr, b_ptr, offs_m, offs_n, row1, col1, dim,
                      stride_am, stride_ak, stride_bn, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     s = acc * scale
+    if PAIR_RULE != 0:
+        s = pair_rule(s, acc, row_ids_ptr, col_ids_ptr, offs_m, offs_n, row1, col1, penalty, PAIR_RULE)
     g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if HAS_G_ROW:
         lse = tl.load(row_lse_ptr + offs_m, mask=row_ok, other=0.0)
+        if PAIR_RULE != 0:
+            lse = finite_or_zero(lse)  # a row with every pair excluded: exp(−∞ − 0) = 0, not NaN
         w = tl.load(g_row_ptr + offs_m, mask=row_ok, other=0.0)
         g += w[:, None] * tl.exp(s - lse[:, None])
     if HAS_G_COL:
@@ -142,13 +156,31 @@ def _clip_grad_kernel(
         tl.store(out, (g * inv_norm).to(g_out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _pos_mode(row_ids: Optional[torch.Tensor]) -> int:
+@triton.jit
+def pair_rule(s, acc, row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, penalty, PAIR_RULE: tl.constexpr):
+    """Scores s = scale·acc under a pair rule on the ids: 1, −∞ where they are equal; 2 (3),
+    + penalty·acc where they differ (are equal). Out of range counts as "differ"."""
+    same = positive_tile(row_ids_ptr, col_ids_ptr, offs_m, offs_n, n_rows, n_cols, 1)
+    if PAIR_RULE == 1:
+        out = tl.where(same, float("-inf"), s)
+    elif PAIR_RULE == 2:
+        out = tl.where(same, s, s + penalty * acc)
+    else:
+        out = tl.where(same, s + penalty * acc, s)
+    return out
+
+
+def _pos_mode(row_ids: Optional[torch.Tensor], rule: int = 0) -> int:
+    """0 the diagonal, 1 equal ids, 2 none (with a pair rule the ids select pairs, not positives)."""
+    if rule:
+        return 2
     return 0 if row_ids is None else 1
 
 
 @on_input_device
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                 row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool):
+                 row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool,
+                 rule: int = 0, penalty: float = 0.0):
     n, dim = a.shape
     m = b.shape[0]
     cfg = tile_config(a)
@@ -160,10 +192,13 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
         *(dummy if parts[k] is None else parts[k] for k in ("row_max", "row_sum", "row_pos", "col_max", "col_sum",
                                                              "col_pos")),
         n, m, dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1), rb_per, cb_per,
-        POS_MODE=_pos_mode(row_ids), BIDIRECTIONAL=bidirectional,
+        POS_MODE=_pos_mode(row_ids, rule), BIDIRECTIONAL=bidirectional,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=dot_precision(a),
+        penalty=float(penalty), PAIR_RULE=rule,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if rule:  # rows only; row_pos holds 0, or NaN for a non-finite kept score
+        return merge_lse_allowing_empty(parts["row_max"], parts["row_sum"]), None, parts["row_pos"].sum(0), None
     return merge_lse_partials(parts)
 
 
@@ -173,7 +208,8 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                   row_lse: torch.Tensor, col_lse: Optional[torch.Tensor],
                   g_row: Optional[torch.Tensor], g_col: Optional[torch.Tensor],
                   g_row_pos: Optional[torch.Tensor], g_col_pos: Optional[torch.Tensor],
-                  need_a: bool = True, need_b: bool = True, need_scale: bool = True):
+                  need_a: bool = True, need_b: bool = True, need_scale: bool = True,
+                  rule: int = 0, penalty: float = 0.0):
     dim = a.shape[1]
     cfg = tile_config(a)
     scale_f = scale.detach().float().reshape(1)
@@ -191,8 +227,9 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
             r0, r1, c0, c1, dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             HAS_G_ROW=g_row is not None, HAS_G_COL=g_col is not None,
             HAS_G_ROW_POS=g_row_pos is not None, HAS_G_COL_POS=g_col_pos is not None,
-            POS_MODE=_pos_mode(row_ids), STORE_G=need_a or need_b,
+            POS_MODE=_pos_mode(row_ids, rule), STORE_G=need_a or need_b,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=dot_precision(a),
+            penalty=float(penalty), PAIR_RULE=rule,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         dscale_parts.append(part.sum())
