@@ -8,8 +8,8 @@ the same name, so it takes the same constructor arguments and inputs ((anchor, p
 (anchor, positive, negative_1, …, negative_k) tuples), reports the same config and works wherever
 the original does (trainer, model cards, MatryoshkaLoss). Only the loss computation changes.
 
-The loss (see `.ranking` for the formulas) is one or two calls of the fused rows-only InfoNCE:
-the n×(K·n) similarity matrix is never stored.
+The loss (see `.ranking` for the formulas) is one call of the fused rows-only InfoNCE per
+direction: the n×(K·n) similarity matrix is never stored.
 
 ``duplicates`` (an addition): sentence-transformers counts a candidate whose text is identical to
 the positive's (the same document paired with two anchors, a hard negative equal to the positive)
@@ -24,10 +24,13 @@ backward sums each rank's gradient back to its owner, as sentence-transformers' 
 positive ids are global indices gathered with the same collective as the embeddings, so the
 labels follow the candidates' order by construction.
 
-What the fused kernels cannot express runs sentence-transformers' own computation, unchanged:
-similarity functions other than cos_sim and dot_score, the ``query_to_query`` and ``doc_to_doc``
-directions (they remove the self-pairs of a set compared with itself) and ``hardness_mode``
-(a stop-gradient term per logit). The cached losses compute those in their row-chunked loop.
+Every direction (``query_to_doc``, ``doc_to_query``, ``query_to_query``, ``doc_to_doc``), both
+partition modes and every ``hardness_mode`` run fused: the self pairs of ``query_to_query`` and
+``doc_to_doc`` are excluded and the hardness term α·stop_grad(sim) is added inside the kernels
+(`pyclipfast.clip.clip_row_lse`). ``duplicates`` works with ``query_to_doc`` and ``doc_to_query``
+and no ``hardness_mode`` (a ValueError otherwise). Similarity functions other than cos_sim and
+dot_score run sentence-transformers' own computation, unchanged (the cached losses in their
+row-chunked loop); ``loss.fused()`` says which path a configuration takes.
 """
 from __future__ import annotations
 
@@ -78,14 +81,16 @@ class _FusedRanking(_DuplicatesInConfig):
 
     def fused(self) -> bool:
         """Whether this configuration runs on the fused kernels (else sentence-transformers' own code)."""
-        return (
-            self.similarity_fct in (cos_sim, dot_score)
-            and set(self.directions) <= {"query_to_doc", "doc_to_query"}
-            and (self.hardness_mode is None or self.hardness_strength == 0.0)
-        )
+        return self.similarity_fct in (cos_sim, dot_score)
+
+    def _hardness(self) -> Optional[str]:
+        """The hardness mode in effect (None when off or of strength 0)."""
+        return self.hardness_mode if self.hardness_mode is not None and self.hardness_strength > 0.0 else None
 
     def _check_fusable_duplicates(self) -> None:
-        if self.duplicates is not None and not self.fused():
+        if self.duplicates is not None and (
+                not self.fused() or not set(self.directions) <= {"query_to_doc", "doc_to_query"}
+                or self._hardness() is not None):
             raise ValueError(
                 f"duplicates={self.duplicates!r} works with similarity_fct cos_sim or dot_score, the directions "
                 "'query_to_doc' and 'doc_to_query' and no hardness_mode"
@@ -111,7 +116,9 @@ class _FusedRanking(_DuplicatesInConfig):
         loss = fused_ranking_loss(
             embeddings, scale=self.scale, normalize=self.similarity_fct is cos_sim,
             doc_to_query="doc_to_query" in self.directions, joint=self.partition_mode == "joint",
-            gather=self.gather_across_devices, duplicates=self.duplicates, keys=keys,
+            gather=self.gather_across_devices, query_to_query="query_to_query" in self.directions,
+            doc_to_doc="doc_to_doc" in self.directions, hardness=self._hardness(),
+            hardness_strength=self.hardness_strength, duplicates=self.duplicates, keys=keys,
         )
         # Computed in float32 at least; returned in the embeddings' dtype, as sentence-transformers does
         # (under autocast: the reduced precision its callers expect).

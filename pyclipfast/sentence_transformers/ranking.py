@@ -3,13 +3,29 @@
 With anchors q_i (n of them on this rank), candidates d = [positives; negatives_1; …; negatives_k]
 and s the scale (sim: dot products, of L2-normalised embeddings for cos_sim):
 
-    query_to_doc:  t_i = logsumexp_j s·sim(q_i, d_j)  − s·sim(q_i, p_i)
-    doc_to_query:  u_i = logsumexp_j s·sim(q_j, p_i)  − s·sim(q_i, p_i)
-    L = mean_i t_i  |  mean_i logaddexp(t_i, u_i) (joint)  |  mean_i ½(t_i + u_i) (per_direction)
+    query_to_doc:    t_i = logsumexp_j s·sim(q_i, d_j)  − s·sim(q_i, p_i)
+    doc_to_query:    u_i = logsumexp_j s·sim(q_j, p_i)  − s·sim(q_i, p_i)
+    query_to_query:  v_i = logsumexp_{j≠i} s·sim(q_i, q_j)  − s·sim(q_i, p_i)
+    doc_to_doc:      w_i = logsumexp_{j: owner(d_j)≠i} s·sim(p_i, d_j)  − s·sim(q_i, p_i)
+    L = mean_i t_i  |  mean_i logaddexp(t_i, u_i, …) (joint)  |  mean_i ½(t_i + u_i) (per_direction)
 
-t and u are each one `pyclipfast.clip_loss(..., reduction="none", bidirectional=False)`: the own
-pair is the positive, given by ids; hard negatives are extra columns with an id that matches no
-anchor. Duplicates (candidates with the positive's text, dup(i), found by text keys):
+owner(d_j) is the anchor a candidate belongs to (its positive and its own hard negatives). t and
+u are each one `pyclipfast.clip_loss(..., reduction="none", bidirectional=False)`: the own pair is
+the positive, given by ids; hard negatives are extra columns with an id that matches no anchor.
+v and w are each one `pyclipfast.clip.clip_row_lse` with the rule "exclude_equal" on anchor and
+owner ids (the self pairs are −∞ inside the kernel: subtracting them afterwards would cancel
+catastrophically); a row with nothing left (one anchor, no other) gives v_i = −∞, which drops out
+of the logaddexp.
+
+hardness (sentence-transformers' ``hardness_mode`` with strength α) adds α·stop_grad(sim) to the
+selected negatives of t, inside the kernel ("penalise_equal"/"penalise_unequal" rules of
+`clip_row_lse` on owner ids; the positive term stays s·sim(q_i, p_i)):
+
+    in_batch_negatives: every candidate not owned by q_i;  hard_negatives: q_i's own hard
+    negatives;  all_negatives: every candidate but p_i.
+
+Duplicates (candidates with the positive's text, dup(i), found by text keys; with query_to_doc
+and doc_to_query only, without hardness):
 
     "positives":  t_i = logsumexp_j S_ij − logsumexp_{j∈{own}∪dup(i)} S_ij   (−log of the softmax mass on them)
     "mask":       t_i = logsumexp_{j∉dup(i)} S_ij − S_i,own
@@ -31,10 +47,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..clip import clip_loss
+from ..clip import clip_loss, clip_row_lse
 from ..distributed import all_gather_with_grad
 
 DUPLICATE_MODES = (None, "positives", "mask")
+HARDNESS_MODES = ("in_batch_negatives", "hard_negatives", "all_negatives")
 
 
 def check_duplicates(duplicates: Optional[str]) -> Optional[str]:
@@ -106,9 +123,22 @@ def _direction_terms(rows: Tensor, own: Tensor, cols: Tensor, scale: float, row_
     return terms - (top + torch.log(mass))
 
 
+def _hardness_columns(hardness: str, owners: Tensor, k: int) -> tuple:
+    """(rule, column ids) of clip_row_lse that penalise hardness mode's negatives of anchor i (row id
+    = its global index) among the k candidate columns, whose owners are `owners` (each column's
+    anchor) and id −1 matches no anchor."""
+    nobody = torch.full_like(owners, -1)
+    if hardness == "in_batch_negatives":
+        return "penalise_unequal", torch.cat([owners] * k)
+    if hardness == "all_negatives":
+        return "penalise_unequal", torch.cat([owners] + [nobody] * (k - 1))
+    return "penalise_equal", torch.cat([nobody] + [owners] * (k - 1))
+
+
 def fused_ranking_loss(embeddings: Sequence[Tensor], *, scale: float, normalize: bool,
-                       doc_to_query: bool, joint: bool, gather: bool, duplicates: Optional[str] = None,
-                       keys: Optional[Sequence[Tensor]] = None) -> Tensor:
+                       doc_to_query: bool, joint: bool, gather: bool, query_to_query: bool = False,
+                       doc_to_doc: bool = False, hardness: Optional[str] = None, hardness_strength: float = 0.0,
+                       duplicates: Optional[str] = None, keys: Optional[Sequence[Tensor]] = None) -> Tensor:
     """The MultipleNegativesRankingLoss family on [anchors, positives, negatives_1..k], fused.
 
     Args:
@@ -116,13 +146,23 @@ def fused_ranking_loss(embeddings: Sequence[Tensor], *, scale: float, normalize:
         scale: s (1 / temperature).
         normalize: True for cos_sim, False for dot_score.
         doc_to_query: add the positives→anchors direction.
-        joint: one softmax over both directions (logaddexp) instead of their mean.
+        joint: one softmax over all directions (logaddexp) instead of the mean of two.
         gather: compare this rank's anchors with the candidates of all ranks.
+        query_to_query, doc_to_doc: add these directions (joint only).
+        hardness: None or one of HARDNESS_MODES, with α = `hardness_strength` (0: no effect).
         duplicates: None, "positives" or "mask" (see the module docstring), with `keys`, one
             int64 text key per row of each embedding column.
     """
     if len(embeddings) < 2:
         raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+    if hardness not in (None,) + HARDNESS_MODES:
+        raise ValueError(f"hardness must be None or one of {', '.join(map(repr, HARDNESS_MODES))}; got {hardness!r}")
+    if (query_to_query or doc_to_doc) and not joint:
+        raise ValueError("query_to_query and doc_to_doc need joint=True (one softmax over all directions)")
+    penalised = hardness is not None and hardness_strength != 0.0
+    if duplicates is not None and (query_to_query or doc_to_doc or penalised):
+        raise ValueError(f"duplicates={duplicates!r} works with the directions query_to_doc and doc_to_query "
+                         "only, without hardness")
     if duplicates is not None and (keys is None or len(keys) != len(embeddings)):
         raise ValueError("duplicates needs one tensor of text keys per input column")
     embeddings = [F.normalize(e, p=2, dim=1) if normalize else e for e in embeddings]
@@ -136,12 +176,28 @@ def fused_ranking_loss(embeddings: Sequence[Tensor], *, scale: float, normalize:
     candidates = torch.cat([_gathered(e, gather) for e in embeddings[1:]])
     candidate_index = torch.cat([_gathered(i, gather) for i in [index] + [no_anchor] * (len(embeddings) - 2)])
     candidate_keys = None if keys is None else torch.cat([_gathered(k, gather) for k in keys[1:]])
-    terms = _direction_terms(anchors, positives, candidates, scale, index, candidate_index,
-                             None if keys is None else keys[1], candidate_keys, duplicates)
+    k = len(embeddings) - 1
+    owners = _gathered(index, gather)  # the global index of every anchor, in the candidates' order
+    # s·sim(q_i, p_i), the positive of every direction, in the loss's precision
+    cd = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+    positive = scale * (anchors.to(cd) * positives.to(cd)).sum(-1)
+    if penalised and (hardness != "hard_negatives" or k > 1):
+        rule, columns = _hardness_columns(hardness, owners, k)
+        terms = clip_row_lse(anchors, candidates, scale, index, columns, rule=rule,
+                             penalty=float(hardness_strength)) - positive
+    else:
+        terms = _direction_terms(anchors, positives, candidates, scale, index, candidate_index,
+                                 None if keys is None else keys[1], candidate_keys, duplicates)
+    all_anchors = _gathered(anchors, gather) if doc_to_query or query_to_query else None
     if doc_to_query:
-        all_anchors = _gathered(anchors, gather)
-        reverse = _direction_terms(positives, anchors, all_anchors, scale, index, _gathered(index, gather),
+        reverse = _direction_terms(positives, anchors, all_anchors, scale, index, owners,
                                    None if keys is None else keys[0],
                                    None if keys is None else _gathered(keys[0], gather), duplicates)
         terms = torch.logaddexp(terms, reverse) if joint else 0.5 * (terms + reverse)
+    if query_to_query:  # q_i against every anchor but itself
+        lse = clip_row_lse(anchors, all_anchors, scale, index, owners, rule="exclude_equal")
+        terms = torch.logaddexp(terms, lse - positive)
+    if doc_to_doc:  # p_i against every candidate not owned by anchor i
+        lse = clip_row_lse(positives, candidates, scale, index, torch.cat([owners] * k), rule="exclude_equal")
+        terms = torch.logaddexp(terms, lse - positive)
     return terms.mean()
