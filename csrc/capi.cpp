@@ -198,7 +198,7 @@ const char* pcf_last_record(void) { return last_record.c_str(); }
 
 int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, float* row_sum, float* row_pos,
                      float* col_max, float* col_sum, float* col_pos, int row_groups, int col_groups,
-                     int row_blocks_per_group, int col_blocks_per_group) {
+                     int row_blocks_per_group, int col_blocks_per_group, int pair_rule, float penalty) {
   ClipForwardParams p{};
   p.s = score_params(PCF_SCORE_VALUES);
   p.row_max = row_max;
@@ -211,6 +211,8 @@ int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, f
   p.col_groups = col_groups;
   p.row_blocks_per_group = row_blocks_per_group;
   p.col_blocks_per_group = col_blocks_per_group;
+  p.pair_rule = static_cast<PairRule>(pair_rule);
+  p.penalty = penalty;
   if (record_only) {
     Record r("clip_forward");
     record_launch(r, device, stream);
@@ -225,6 +227,8 @@ int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, f
     r.i64("col_groups", p.col_groups);
     r.i64("row_blocks_per_group", p.row_blocks_per_group);
     r.i64("col_blocks_per_group", p.col_blocks_per_group);
+    r.i64("pair_rule", static_cast<int>(p.pair_rule));
+    r.f32("penalty", p.penalty);
     r.done();
     return 0;
   }
@@ -235,7 +239,7 @@ int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, f
 int pcf_clip_grad(int device, void* stream, PCF_SCORE_ARGS, const float* row_lse, const float* col_lse,
                   const float* g_row, const float* g_col, const float* g_row_pos, const float* g_col_pos,
                   const float* inv_norm, void* g_out, int64_t stride_gm, int64_t stride_gn, float* dscale_part,
-                  int64_t row0, int64_t row1, int64_t col0, int64_t col1) {
+                  int64_t row0, int64_t row1, int64_t col0, int64_t col1, int pair_rule, float penalty) {
   ClipGradParams p{};
   p.s = score_params(PCF_SCORE_VALUES);
   p.row_lse = row_lse;
@@ -253,6 +257,8 @@ int pcf_clip_grad(int device, void* stream, PCF_SCORE_ARGS, const float* row_lse
   p.row1 = row1;
   p.col0 = col0;
   p.col1 = col1;
+  p.pair_rule = static_cast<PairRule>(pair_rule);
+  p.penalty = penalty;
   if (record_only) {
     Record r("clip_grad");
     record_launch(r, device, stream);
@@ -269,6 +275,8 @@ int pcf_clip_grad(int device, void* stream, PCF_SCORE_ARGS, const float* row_lse
     r.i64("stride_gn", p.stride_gn);
     r.ptr("dscale_part", p.dscale_part);
     record_block(r, p.row0, p.row1, p.col0, p.col1);
+    r.i64("pair_rule", static_cast<int>(p.pair_rule));
+    r.f32("penalty", p.penalty);
     r.done();
     return 0;
   }

@@ -24,6 +24,11 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Which (i, j) are positive pairs: i == j, equal int64 ids, or none at all.
 enum class PosMode : int { kDiagonal = 0, kIds = 1, kNone = 2 };
 
+// A pair rule on the ids (rows only, the ids then select pairs instead of positives): the score of
+// a selected pair becomes −∞ (kExcludeEqual: equal ids) or score + penalty·⟨A_i, B_j⟩
+// (kPenaliseUnequal: ids differ, kPenaliseEqual: equal ids; no gradient through the penalty).
+enum class PairRule : int { kNone = 0, kExcludeEqual = 1, kPenaliseUnequal = 2, kPenaliseEqual = 3 };
+
 // Where the scores come from: A (n_rows × dim) and B (n_cols × dim), any strides.
 struct ScoreParams {
   const void* a;
@@ -49,6 +54,8 @@ struct ClipForwardParams {
   float* col_pos;
   int row_groups, col_groups;
   int row_blocks_per_group, col_blocks_per_group;
+  PairRule pair_rule;      // kNone: the plain InfoNCE; else rows only, ids in s.row_ids / s.col_ids
+  float penalty;
 };
 
 // InfoNCE gradient tiles of the block [row0, row1) × [col0, col1) of S.
@@ -65,6 +72,8 @@ struct ClipGradParams {
   int64_t stride_gm, stride_gn;
   float* dscale_part;      // one per tile, row-major over the block's tiles
   int64_t row0, row1, col0, col1;
+  PairRule pair_rule;      // as in ClipForwardParams (then only g_row and row_lse are read)
+  float penalty;
 };
 
 // SigLIP loss / gradient tiles of the block [row0, row1) × [col0, col1) of S.

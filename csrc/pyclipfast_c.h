@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define PCF_ABI_VERSION 1
+#define PCF_ABI_VERSION 2
 
 /* The library is built with hidden symbols; these are the ones it exports. */
 #if defined(__GNUC__)
@@ -34,7 +34,10 @@ extern "C" {
 #endif
 
 /* dtype codes of the features: 0 float32, 1 float16, 2 bfloat16.
- * pos_mode: 0 the diagonal, 1 equal int64 ids (row_ids, col_ids), 2 no positives. */
+ * pos_mode: 0 the diagonal, 1 equal int64 ids (row_ids, col_ids), 2 no positives.
+ * pair_rule (InfoNCE, rows only; the ids then select pairs and pos_mode is 2): 0 none, 1 a pair
+ * with equal ids scores −∞, 2 (3) a pair whose ids differ (are equal) scores s·⟨A_i, B_j⟩ +
+ * penalty·⟨A_i, B_j⟩, with no gradient through the penalty. */
 
 /* The scores S = scale·A·Bᵀ: A is n_rows × dim, B is n_cols × dim, any strides. */
 #define PCF_SCORE_ARGS                                                                                  \
@@ -60,18 +63,21 @@ PCF_API void pcf_set_record_only(int on);
 PCF_API const char *pcf_last_record(void);
 
 /* InfoNCE forward sweep on a row_groups × col_groups grid: per-group (max, sum-exp, positive
- * sum) of rows ([col_groups, n_rows] each) and columns ([row_groups, n_cols]; NULL: rows only). */
+ * sum) of rows ([col_groups, n_rows] each) and columns ([row_groups, n_cols]; NULL: rows only).
+ * With a pair_rule: rows only, and row_pos holds 0 (or NaN for a non-finite score). */
 PCF_API int pcf_clip_forward(int device, void *stream, PCF_SCORE_ARGS, float *row_max, float *row_sum,
                      float *row_pos, float *col_max, float *col_sum, float *col_pos, int row_groups,
-                     int col_groups, int row_blocks_per_group, int col_blocks_per_group);
+                     int col_groups, int row_blocks_per_group, int col_blocks_per_group, int pair_rule,
+                     float penalty);
 
 /* InfoNCE gradient tiles G·inv_norm of the block [row0, row1) × [col0, col1) of S into g_out
  * (features' dtype, strides stride_gm/stride_gn; NULL: not stored) and one dscale partial per
- * tile. The six vectors may each be NULL. */
+ * tile. The six vectors may each be NULL; with a pair_rule only row_lse and g_row are read. */
 PCF_API int pcf_clip_grad(int device, void *stream, PCF_SCORE_ARGS, const float *row_lse, const float *col_lse,
                   const float *g_row, const float *g_col, const float *g_row_pos, const float *g_col_pos,
                   const float *inv_norm, void *g_out, int64_t stride_gm, int64_t stride_gn,
-                  float *dscale_part, int64_t row0, int64_t row1, int64_t col0, int64_t col1);
+                  float *dscale_part, int64_t row0, int64_t row1, int64_t col0, int64_t col1, int pair_rule,
+                  float penalty);
 
 /* SigLIP loss / dscale / dbias partials (one per tile) and the gradient tile G of one block;
  * bias NULL: no bias. */

@@ -271,6 +271,28 @@ __device__ __forceinline__ Positives positives(const ScoreParams& s) {
   return {s.pos_mode, s.row_ids, s.col_ids};
 }
 
+// A pair rule on the ids (PairRule in pyclipfast.h). Call only with in-range indices.
+struct PairRules {
+  PairRule rule;
+  float penalty;
+  const int64_t* row_ids;
+  const int64_t* col_ids;
+
+  __device__ __forceinline__ int64_t row_id(int64_t i) const { return __ldg(row_ids + i); }
+  __device__ __forceinline__ int64_t col_id(int64_t j) const { return __ldg(col_ids + j); }
+  // The score s = scale·dot of pair (row_id, col_id) under the rule.
+  __device__ __forceinline__ float operator()(float s, float dot, int64_t row_id, int64_t col_id) const {
+    const bool selected = (row_id == col_id) != (rule == PairRule::kPenaliseUnequal);
+    if (rule == PairRule::kNone || !selected) return s;
+    return rule == PairRule::kExcludeEqual ? kNegInf : s + penalty * dot;
+  }
+};
+
+template <typename Params>
+__device__ __forceinline__ PairRules pair_rules(const Params& p) {
+  return {p.pair_rule, p.penalty, p.s.row_ids, p.s.col_ids};
+}
+
 // x where finite, 0 where x = −inf: a safe shift for exp(v − shift) when every v is −inf.
 __device__ __forceinline__ float finite_or_zero(float x) { return x == kNegInf ? 0.0f : x; }
 

@@ -387,7 +387,7 @@ def _marshal_case(fn, variant, dtype):
                     else dict(col_max=None, col_sum=None, col_pos=None))
         kwargs = dict(a=a, b=b, scale=scale, **ids, **outs, **GROUPS, tf32=tf32)
         fields = dict(_score_fields(a, b, scale, tf32, pos_mode, **ids), **{k: _ptr(v) for k, v in outs.items()},
-                      **GROUPS)
+                      **GROUPS, pair_rule=0, penalty=0.0)
     elif fn == "clip_grad":
         names = ("row_lse", "col_lse", "g_row", "g_col", "g_row_pos", "g_col_pos")
         vecs = {k: z(RN if k.startswith(("row", "g_row")) else RM) for k in names}
@@ -398,7 +398,7 @@ def _marshal_case(fn, variant, dtype):
                       dscale_part=z(3), **BLOCK, tf32=tf32)
         fields = dict(_score_fields(a, b, scale, tf32, pos_mode, **ids), **{k: _ptr(v) for k, v in vecs.items()},
                       inv_norm=kwargs["inv_norm"].data_ptr(), **_g_out_fields(g_out),
-                      dscale_part=kwargs["dscale_part"].data_ptr(), **BLOCK)
+                      dscale_part=kwargs["dscale_part"].data_ptr(), **BLOCK, pair_rule=0, penalty=0.0)
     elif fn == "siglip":
         bias = torch.zeros(1) if variant == 0 else None
         g_out = torch.zeros(145, 9, dtype=dtype)[:, 2:7] if variant == 0 else None
@@ -466,6 +466,83 @@ def test_library_receives_what_python_passes(C, library, fn, dtype, variant):
     assert sorted(got) == sorted(expected), "the struct's fields"
     wrong = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}
     assert not wrong, f"fields the C side received wrongly (got, expected): {wrong}"
+
+
+def _pair_rule_case(fn, rule, dtype):
+    """A rows-only InfoNCE launch with a pair rule: (kwargs, expected struct fields)."""
+    z = lambda *shape: torch.zeros(*shape)  # noqa: E731
+    a, b = _colmajor(RN, RD, dtype), _every_other_column(RM, RD, dtype)
+    scale = torch.ones(1)
+    ids = dict(row_ids=torch.arange(RN) % RM, col_ids=torch.arange(RM) - 1)
+    penalty = 0.1 + rule  # not exact in float32: the library must receive the float32 rounding
+    if fn == "clip_forward":
+        outs = dict(row_max=z(1, RN), row_sum=z(1, RN), row_pos=z(1, RN), col_max=None, col_sum=None, col_pos=None)
+        kwargs = dict(a=a, b=b, scale=scale, **ids, **outs, **GROUPS, tf32=False, pair_rule=rule, penalty=penalty)
+        fields = dict(_score_fields(a, b, scale, False, 2, **ids), **{k: _ptr(v) for k, v in outs.items()}, **GROUPS)
+    else:
+        vecs = dict(row_lse=z(RN), col_lse=None, g_row=z(RN), g_col=None, g_row_pos=None, g_col_pos=None)
+        g_out = torch.zeros(5, 145, dtype=dtype).t()
+        kwargs = dict(a=a, b=b, scale=scale, **ids, **vecs, inv_norm=torch.ones(1), g_out=g_out, dscale_part=z(3),
+                      **BLOCK, tf32=True, pair_rule=rule, penalty=penalty)
+        fields = dict(_score_fields(a, b, scale, True, 2, **ids), **{k: _ptr(v) for k, v in vecs.items()},
+                      inv_norm=kwargs["inv_norm"].data_ptr(), **_g_out_fields(g_out),
+                      dscale_part=kwargs["dscale_part"].data_ptr(), **BLOCK)
+    fields.update(pair_rule=rule, penalty=float(np.float32(penalty)))
+    return kwargs, dict(fields, fn=fn, device=-1, stream=0)
+
+
+@pytest.mark.parametrize("rule", [1, 2, 3], ids=["exclude-equal", "penalise-unequal", "penalise-equal"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("fn", ["clip_forward", "clip_grad"])
+def test_library_receives_the_pair_rule(C, library, fn, dtype, rule):
+    """A pair rule reaches the kernel's struct with the ids and no positives (pos_mode 2)."""
+    kwargs, expected = _pair_rule_case(fn, rule, dtype)
+    with library.record_calls() as records:
+        getattr(C, fn)(**kwargs)
+    (got,) = records
+    assert sorted(got) == sorted(expected), "the struct's fields"
+    wrong = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}
+    assert not wrong, f"fields the C side received wrongly (got, expected): {wrong}"
+
+
+PAIR_RULE_BAD_ARGUMENTS = [
+    ("clip_forward", dict(pair_rule=4), "pair_rule must be one of"),
+    ("clip_forward", dict(pair_rule=True), "pair_rule must be one of"),
+    ("clip_forward", dict(pair_rule=1, row_ids=None, col_ids=None), "pair_rule=1 needs row_ids and col_ids"),
+    ("clip_forward", dict(pair_rule=2, col_max=_f(2, M), col_sum=_f(2, M), col_pos=_f(2, M)),
+     "pair_rule=2 is rows only: col_max must be None"),
+    ("clip_forward", dict(pair_rule=3, penalty=float("nan")), "penalty must be finite"),
+    ("clip_grad", dict(pair_rule=1, col_lse=_f(M), g_col=_f(M)), "is rows only: col_lse, g_col must be None"),
+    ("clip_grad", dict(pair_rule=3, g_row_pos=_f(N)), "is rows only: g_row_pos must be None"),
+]
+
+
+@pytest.mark.parametrize("fn,overrides,message", PAIR_RULE_BAD_ARGUMENTS,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(PAIR_RULE_BAD_ARGUMENTS)])
+def test_bad_pair_rule_arguments_are_rejected_before_any_launch(C, fn, overrides, message):
+    kwargs = dict(_valid(fn), row_ids=torch.arange(N), col_ids=torch.arange(M), col_max=None, col_sum=None,
+                  col_pos=None) if fn == "clip_forward" else dict(_valid(fn), row_ids=torch.arange(N),
+                                                                  col_ids=torch.arange(M), col_lse=None,
+                                                                  g_col=None, g_row_pos=None)
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        getattr(C, fn)(**kwargs)
+
+
+def test_launchers_hand_the_pair_rule_to_the_kernels(C, library, monkeypatch):
+    """pyclipfast/cuda/clip.py in record mode: the rule code and α reach both kernels, rows only."""
+    from pyclipfast.cuda import _launch, clip
+
+    monkeypatch.setattr(_launch, "parallel_target", lambda x: 3)
+    a, b = _colmajor(70, 12, torch.float32), _every_other_column(90, 12, torch.float32)
+    rows, cols = torch.arange(70), torch.arange(90) % 70
+    with library.record_calls() as records:
+        clip.clip_forward(a, b, torch.tensor(7.5), rows, cols, False, rule=2, penalty=1.5)
+        clip.clip_backward(a, b, torch.tensor(7.5), rows, cols, torch.rand(70), None, torch.rand(70), None, None,
+                           None, rule=3, penalty=2.5)
+    assert [(r["fn"], r["pair_rule"], r["penalty"], r["pos_mode"]) for r in records] == (
+        [("clip_forward", 2, 1.5, 2)] + [("clip_grad", 3, 2.5, 2)] * (len(records) - 1))
+    assert records[0]["col_max"] == 0 and all(r["g_col"] == 0 and r["g_row_pos"] == 0 for r in records[1:])
 
 
 def _memory(ptr, shape, strides, dtype):

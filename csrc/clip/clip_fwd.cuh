@@ -11,6 +11,10 @@
 // [col_groups, N]. Each tile's column statistics are merged into the program's
 // row-group slot of col_max/col_sum/col_pos [row_groups, M]. The host merges the
 // slots (`merge_lse`). No atomics, deterministic, every tile computed once.
+//
+// kPairRule (ClipForwardParams::pair_rule set, rows only): each score passes through the pair
+// rule on the ids (PairRules in tile.cuh) and no positives are summed; the positive sums keep
+// only the NaN of a non-finite score, so a non-finite input still shows.
 #pragma once
 
 #include "tile.cuh"
@@ -44,17 +48,20 @@ __device__ __forceinline__ void merge_lse(float& max, float& sum, float other_ma
 }
 
 // Fold the tile sm.s into the running statistics of the warp's rows.
-template <typename T>
+template <bool kPairRule, typename T>
 __device__ __forceinline__ void row_pass(const TileSmem<T>& sm, RowStats& st, const Positives& pos, float scale,
-                                         int64_t row0, int64_t n_rows, int64_t col0, int64_t n_cols) {
+                                         int64_t row0, int64_t n_rows, int64_t col0, int64_t n_cols,
+                                         const PairRules& rules) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   bool col_ok[kColsPerLane];
   int64_t col_key[kColsPerLane];
+  int64_t col_id[kColsPerLane];
 #pragma unroll
   for (int q = 0; q < kColsPerLane; ++q) {
     const int64_t j = col0 + lane + 32 * q;
     col_ok[q] = j < n_cols;
     col_key[q] = col_ok[q] ? pos.col_key(j) : -1;
+    col_id[q] = kPairRule && col_ok[q] ? rules.col_id(j) : -1;
   }
 #pragma unroll
   for (int t = 0; t < kRowsPerWarp; ++t) {
@@ -62,15 +69,17 @@ __device__ __forceinline__ void row_pass(const TileSmem<T>& sm, RowStats& st, co
     const int64_t i = row0 + r;
     const bool row_ok = i < n_rows;
     const int64_t row_key = row_ok ? pos.row_key(i) : -1;
+    const int64_t row_id = kPairRule && row_ok ? rules.row_id(i) : -1;
     float v[kColsPerLane];
     float tile_max = kNegInf, pos_sum = 0.0f;
 #pragma unroll
     for (int q = 0; q < kColsPerLane; ++q) {
       const bool ok = row_ok && col_ok[q];
-      v[q] = ok ? sm.s[r][lane + 32 * q] * scale : kNegInf;
+      const float score = ok ? sm.s[r][lane + 32 * q] * scale : kNegInf;
+      v[q] = kPairRule && ok ? rules(score, sm.s[r][lane + 32 * q], row_id, col_id[q]) : score;
       tile_max = fmaxf(tile_max, v[q]);
       if (ok && pos.match(row_key, col_key[q])) pos_sum += v[q];
-      else if (ok && !isfinite(v[q])) pos_sum = NAN;  // a −∞ score leaves no trace in the sum-exp
+      else if (ok && !isfinite(score)) pos_sum = NAN;  // a −∞ score leaves no trace in the sum-exp
     }
     const float new_max = fmaxf(st.max[t], warp_max(tile_max));
     const float shift = finite_or_zero(new_max);  // rows past the end stay −inf; keep them NaN-free
@@ -140,7 +149,7 @@ __device__ __forceinline__ void store_rows(const RowStats& st, const ClipForward
   }
 }
 
-template <typename T, Mma M>
+template <typename T, Mma M, bool kPairRule>
 __global__ void __launch_bounds__(kThreads) clip_fwd_kernel(const ClipForwardParams p) {
   __shared__ TileSmem<T> sm;
   __shared__ ColScratch scratch;
@@ -148,6 +157,7 @@ __global__ void __launch_bounds__(kThreads) clip_fwd_kernel(const ClipForwardPar
   const Operand<T> a = make_operand<T>(s.a, s.stride_am, s.stride_ak);
   const Operand<T> b = make_operand<T>(s.b, s.stride_bn, s.stride_bk);
   const Positives pos = positives(s);
+  const PairRules rules = pair_rules(p);
   const float scale = __ldg(s.scale);
   const bool bidirectional = p.col_max != nullptr;
   const int64_t rb_lo = static_cast<int64_t>(blockIdx.x) * p.row_blocks_per_group;
@@ -168,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) clip_fwd_kernel(const ClipForwardPar
     for (int64_t cb = cb_lo; cb < cb_hi; ++cb) {
       const int64_t col0 = cb * BN;
       score_tile<T, M>(sm, sm.s, a, b, row0, s.n_rows, col0, s.n_cols, s.dim);
-      row_pass(sm, st, pos, scale, row0, s.n_rows, col0, s.n_cols);
+      row_pass<kPairRule>(sm, st, pos, scale, row0, s.n_rows, col0, s.n_cols, rules);
       if (bidirectional) col_pass(sm, scratch, p, pos, scale, row0, col0, col_part);
     }
     store_rows(st, p, row0, row_part);
@@ -178,7 +188,9 @@ __global__ void __launch_bounds__(kThreads) clip_fwd_kernel(const ClipForwardPar
 template <typename T, Mma M>
 struct Launch {
   static cudaError_t run(const ClipForwardParams& p, cudaStream_t stream) {
-    clip_fwd_kernel<T, M><<<dim3(p.row_groups, p.col_groups), kThreads, 0, stream>>>(p);
+    const dim3 grid(p.row_groups, p.col_groups);
+    if (p.pair_rule != PairRule::kNone) clip_fwd_kernel<T, M, true><<<grid, kThreads, 0, stream>>>(p);
+    else clip_fwd_kernel<T, M, false><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   }
 };

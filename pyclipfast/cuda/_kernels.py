@@ -23,6 +23,7 @@ INT32_MAX = 2**31 - 1
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DIAGONAL, IDS, NO_POSITIVES = range(3)  # PosMode
+PAIR_RULES = range(4)  # PairRule: none, exclude equal ids, penalise unequal ids, penalise equal ids
 DISTILL_STATS, DISTILL_STATS_NO_KD = 8, 3  # DistillStat
 DISTILL_VECTORS, DISTILL_VECTORS_NO_KD = 7, 3  # DistillVector
 
@@ -93,6 +94,24 @@ def _check_ids(row_ids: OptTensor, col_ids: OptTensor, n: int, m: int) -> int:
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     return IDS
+
+
+def _check_pair_rule(pair_rule: int, penalty: float, row_ids: OptTensor, pos_mode: int,
+                     rows_only: Dict[str, OptTensor]) -> int:
+    """The InfoNCE pair rule: a PairRule code; with one, ids are required, the sweep is rows only
+    (`rows_only` must all be None) and the ids select pairs, not positives. Returns the PosMode."""
+    if isinstance(pair_rule, bool) or pair_rule not in PAIR_RULES:
+        raise ValueError(f"pair_rule must be one of {list(PAIR_RULES)}, got {pair_rule!r}")
+    if not math.isfinite(penalty):
+        raise ValueError(f"penalty must be finite, got {penalty}")
+    if pair_rule == 0:
+        return pos_mode
+    if row_ids is None:
+        raise ValueError(f"pair_rule={pair_rule} needs row_ids and col_ids")
+    given = [name for name, t in rows_only.items() if t is not None]
+    if given:
+        raise ValueError(f"pair_rule={pair_rule} is rows only: {', '.join(given)} must be None")
+    return NO_POSITIVES
 
 
 def _check_g_out(g_out: OptTensor, a: Tensor, rows: int, cols: int) -> None:
@@ -179,12 +198,14 @@ def _run(fn: str, first: Tuple[str, Tensor], tensors: Dict[str, OptTensor], fiel
 def clip_forward(a: Tensor, b: Tensor, scale: Tensor, row_ids: OptTensor, col_ids: OptTensor, row_max: Tensor,
                  row_sum: Tensor, row_pos: Tensor, col_max: OptTensor, col_sum: OptTensor, col_pos: OptTensor,
                  row_groups: int, col_groups: int, row_blocks_per_group: int, col_blocks_per_group: int,
-                 tf32: bool) -> None:
-    """InfoNCE forward sweep: per-group (max, sum-exp, positive sum) of rows and columns of S = s·A·Bᵀ."""
+                 tf32: bool, pair_rule: int = 0, penalty: float = 0.0) -> None:
+    """InfoNCE forward sweep: per-group (max, sum-exp, positive sum) of rows and columns of S = s·A·Bᵀ;
+    with a pair rule rows only, row_pos then only carries NaN for a non-finite score."""
     dtype = _check_features(a, b)
     n, m = a.shape[0], b.shape[0]
     _check_f32(_tensor(scale, "scale"), "scale", 1)
     pos_mode = _check_ids(row_ids, col_ids, n, m)
+    pos_mode = _check_pair_rule(pair_rule, penalty, row_ids, pos_mode, dict(col_max=col_max))
     _check_groups("row", row_groups, row_blocks_per_group, math.ceil(n / BLOCK_M), INT32_MAX)
     _check_groups("col", col_groups, col_blocks_per_group, math.ceil(m / BLOCK_N), MAX_GRID_Y)
     for t, name in ((row_max, "row_max"), (row_sum, "row_sum"), (row_pos, "row_pos")):
@@ -198,18 +219,22 @@ def clip_forward(a: Tensor, b: Tensor, scale: Tensor, row_ids: OptTensor, col_id
     _run("clip_forward", ("a", a), dict(b=b, scale=scale, row_ids=row_ids, col_ids=col_ids, **outputs),
          dict(_score(a, b, scale, dtype, tf32, pos_mode, row_ids, col_ids),
               **{k: _ptr(v) for k, v in outputs.items()},
-              **_groups(row_groups, col_groups, row_blocks_per_group, col_blocks_per_group)))
+              **_groups(row_groups, col_groups, row_blocks_per_group, col_blocks_per_group),
+              pair_rule=pair_rule, penalty=float(penalty)))
 
 
 def clip_grad(a: Tensor, b: Tensor, scale: Tensor, row_ids: OptTensor, col_ids: OptTensor, row_lse: OptTensor,
               col_lse: OptTensor, g_row: OptTensor, g_col: OptTensor, g_row_pos: OptTensor, g_col_pos: OptTensor,
               inv_norm: Tensor, g_out: OptTensor, dscale_part: Tensor, row0: int, row1: int, col0: int, col1: int,
-              tf32: bool) -> None:
-    """InfoNCE gradient tiles G·inv_norm of one block of S and their dscale partials."""
+              tf32: bool, pair_rule: int = 0, penalty: float = 0.0) -> None:
+    """InfoNCE gradient tiles G·inv_norm of one block of S and their dscale partials (with a pair
+    rule: from row_lse and g_row only)."""
     dtype = _check_features(a, b)
     n, m = a.shape[0], b.shape[0]
     _check_f32(_tensor(scale, "scale"), "scale", 1)
     pos_mode = _check_ids(row_ids, col_ids, n, m)
+    pos_mode = _check_pair_rule(pair_rule, penalty, row_ids, pos_mode,
+                                dict(col_lse=col_lse, g_col=g_col, g_row_pos=g_row_pos, g_col_pos=g_col_pos))
     if g_row is not None and row_lse is None:
         raise ValueError("g_row needs row_lse")
     if g_col is not None and col_lse is None:
@@ -226,7 +251,7 @@ def clip_grad(a: Tensor, b: Tensor, scale: Tensor, row_ids: OptTensor, col_ids: 
                                      inv_norm=inv_norm, g_out=g_out, dscale_part=dscale_part),
          dict(_score(a, b, scale, dtype, tf32, pos_mode, row_ids, col_ids), **{k: _ptr(v) for k, v in vectors.items()},
               inv_norm=inv_norm.data_ptr(), **_g_out(g_out), dscale_part=dscale_part.data_ptr(),
-              **_block(row0, row1, col0, col1)))
+              **_block(row0, row1, col0, col1), pair_rule=pair_rule, penalty=float(penalty)))
 
 
 def siglip(a: Tensor, b: Tensor, scale: Tensor, bias: OptTensor, row_ids: OptTensor, col_ids: OptTensor,

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Dict, Iterator, List, Union
 
 LIBRARY = "libpyclipfast_cuda.so"
-ABI_VERSION = 1  # PCF_ABI_VERSION in csrc/pyclipfast_c.h
+ABI_VERSION = 2  # PCF_ABI_VERSION in csrc/pyclipfast_c.h
 BUILD_HINT = ("build it with `python csrc/build.py` in a source checkout (nvcc and ninja needed), or install "
               "pyclipfast with PYCLIPFAST_BUILD_CUDA=1 where a CUDA toolkit is present")
 
@@ -34,13 +34,15 @@ _BLOCK = [("row0", c_int64), ("row1", c_int64), ("col0", c_int64), ("col1", c_in
 _GROUPS = [("row_groups", c_int), ("col_groups", c_int), ("row_blocks_per_group", c_int),
            ("col_blocks_per_group", c_int)]
 _G_OUT = [("g_out", c_void_p), ("stride_gm", c_int64), ("stride_gn", c_int64)]
+_PAIR_RULE = [("pair_rule", c_int), ("penalty", c_float)]
 
 SIGNATURES = {
     "clip_forward": _LAUNCH + _SCORE + [(k, c_void_p) for k in ("row_max", "row_sum", "row_pos", "col_max",
-                                                                "col_sum", "col_pos")] + _GROUPS,
+                                                                "col_sum", "col_pos")] + _GROUPS
+    + _PAIR_RULE,
     "clip_grad": _LAUNCH + _SCORE + [(k, c_void_p) for k in ("row_lse", "col_lse", "g_row", "g_col", "g_row_pos",
                                                              "g_col_pos", "inv_norm")]
-    + _G_OUT + [("dscale_part", c_void_p)] + _BLOCK,
+    + _G_OUT + [("dscale_part", c_void_p)] + _BLOCK + _PAIR_RULE,
     "siglip": _LAUNCH + _SCORE + [("bias", c_void_p)] + _G_OUT
     + [("loss_part", c_void_p), ("dscale_part", c_void_p), ("dbias_part", c_void_p)] + _BLOCK,
     "distill_forward": _LAUNCH + _SCORE + _TEACHER + _OPTIONS + [("row_part", c_void_p), ("col_part", c_void_p)]

@@ -15,7 +15,8 @@ Backward, for upstream gradients of those four vectors:
 
 The kernel writes G / norm (|·| ≤ 1, stored in the input dtype) for one block of
 S at a time with its per-tile dscale partials; `blocked_grads` runs the two
-products as GEMMs. Same functions, arguments and results as pyclipfast/triton/clip.py.
+products as GEMMs. Same functions, arguments and results as pyclipfast/triton/clip.py,
+including the rows-only pair rules (`rule`, `penalty`: pyclipfast/clip.py `clip_row_lse`).
 """
 from __future__ import annotations
 
@@ -25,17 +26,20 @@ import torch
 
 from . import _kernels
 from ._launch import TILE, block_tiles, forward_grid, ids_i64, scalar_f32, use_tf32, vec_f32
-from .._blocks import blocked_grads, gradient_norm, lse_partials, merge_lse_partials
+from .._blocks import blocked_grads, gradient_norm, lse_partials, merge_lse_allowing_empty, merge_lse_partials
 
 
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                 row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool):
+                 row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool,
+                 rule: int = 0, penalty: float = 0.0):
     n, m = a.shape[0], b.shape[0]
     row_groups, col_groups, rb_per, cb_per = forward_grid(n, m, a)
     parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device)
     _kernels.clip_forward(a, b, scalar_f32(scale), ids_i64(row_ids), ids_i64(col_ids),
                     *(parts[k] for k in ("row_max", "row_sum", "row_pos", "col_max", "col_sum", "col_pos")),
-                    row_groups, col_groups, rb_per, cb_per, use_tf32(a))
+                    row_groups, col_groups, rb_per, cb_per, use_tf32(a), pair_rule=rule, penalty=penalty)
+    if rule:  # rows only; row_pos holds 0, or NaN for a non-finite kept score
+        return merge_lse_allowing_empty(parts["row_max"], parts["row_sum"]), None, parts["row_pos"].sum(0), None
     return merge_lse_partials(parts)
 
 
@@ -44,7 +48,8 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                   row_lse: torch.Tensor, col_lse: Optional[torch.Tensor],
                   g_row: Optional[torch.Tensor], g_col: Optional[torch.Tensor],
                   g_row_pos: Optional[torch.Tensor], g_col_pos: Optional[torch.Tensor],
-                  need_a: bool = True, need_b: bool = True, need_scale: bool = True):
+                  need_a: bool = True, need_b: bool = True, need_scale: bool = True,
+                  rule: int = 0, penalty: float = 0.0):
     scale_f = scalar_f32(scale)
     norm = gradient_norm((g_row, g_col, g_row_pos, g_col_pos), a.device)  # G is stored as G / norm
     inv_norm = 1.0 / norm
@@ -60,7 +65,7 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
         tiles = block_tiles(r0, r1, c0, c1)
         part = torch.empty(tiles, dtype=torch.float32, device=a.device)
         _kernels.clip_grad(a, b, scale_f, inv_norm=inv_norm, g_out=g if store else None, dscale_part=part,
-                     row0=r0, row1=r1, col0=c0, col1=c1, tf32=tf32, **ids, **vecs)
+                     row0=r0, row1=r1, col0=c0, col1=c1, tf32=tf32, **ids, **vecs, pair_rule=rule, penalty=penalty)
         dscale_parts.append(part.sum())
 
     ga, gb = blocked_grads(a, b, TILE, write_block, need_a, need_b, g_dtype=a.dtype)
