@@ -2,15 +2,16 @@
 
 The model is a tiny BERT with random weights built on disk (nothing downloaded, dropout 0), in
 float64 so that the fused losses and sentence-transformers' materialised ones agree to rounding;
-one float32 case holds the float32 tolerance of tests/helpers.py. The batch has 3 hard negatives
+float32 cases hold the float32 tolerance of tests/helpers.py. The batch has 3 hard negatives
 per anchor and
 duplicate texts (a positive shared by two anchors, two equal anchors, a hard negative equal to its
 own positive). torch.distributed: 2 gloo ranks run the drop-ins with gather_across_devices=True
 against sentence-transformers' gathered losses and the single-process global batch; 2 and 4 ranks
-run the fused loss on embeddings against the global batch.
+run the fused loss on embeddings against the global batch (every direction, hardness modes included).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
@@ -105,17 +106,69 @@ CASES = {
                         None),
     "cmnrl-tokens": ("CachedMultipleNegativesRankingLoss", {"mini_batch_num_tokens": 9}, None),
     "cmnsrl": ("CachedMultipleNegativesSymmetricRankingLoss", {"mini_batch_size": 5}, None),
-    # Options the fused kernels cannot express: sentence-transformers' own computation.
+    # Same-type directions (self pairs excluded in the kernels) and hardness (α·stop_grad(sim) in them).
     "mnrl-gte": ("MultipleNegativesRankingLoss", {"directions": GTE}, None),
+    "mnrl-gte-pairs": ("MultipleNegativesRankingLoss", {"directions": GTE}, 2),
+    "mnrl-gte-dot": ("MultipleNegativesRankingLoss", {"directions": GTE, "similarity_fct": "dot_score", "scale": 1.0},
+                     None),
+    "mnrl-q2q-pairs": ("MultipleNegativesRankingLoss", {"directions": ("query_to_doc", "query_to_query")}, 2),
+    "mnrl-q2q": ("MultipleNegativesRankingLoss", {"directions": ("query_to_doc", "query_to_query")}, None),
+    "mnrl-d2d": ("MultipleNegativesRankingLoss", {"directions": ("query_to_doc", "doc_to_doc")}, None),
+    "mnrl-d2d-triplets": ("MultipleNegativesRankingLoss", {"directions": ("query_to_doc", "doc_to_doc")}, 3),
+    "mnrl-in-batch": ("MultipleNegativesRankingLoss",
+                      {"hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}, None),
+    "mnrl-in-batch-pairs": ("MultipleNegativesRankingLoss",
+                            {"hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}, 2),
+    "mnrl-hard-negatives": ("MultipleNegativesRankingLoss",
+                            {"hardness_mode": "hard_negatives", "hardness_strength": 5.0}, None),
+    "mnrl-hard-negatives-pairs": ("MultipleNegativesRankingLoss",
+                                  {"hardness_mode": "hard_negatives", "hardness_strength": 5.0}, 2),
+    "mnrl-all-negatives": ("MultipleNegativesRankingLoss",
+                           {"hardness_mode": "all_negatives", "hardness_strength": 3.0}, None),
+    "mnrl-all-negatives-dot": ("MultipleNegativesRankingLoss",
+                               {"hardness_mode": "all_negatives", "hardness_strength": 0.5,
+                                "similarity_fct": "dot_score", "scale": 1.0}, None),
+    "mnrl-hardness-per-direction": ("MultipleNegativesRankingLoss",
+                                    {"directions": BOTH, "partition_mode": "per_direction",
+                                     "hardness_mode": "all_negatives", "hardness_strength": 4.0}, None),
+    "mnrl-gte-in-batch": ("MultipleNegativesRankingLoss",
+                          {"directions": GTE, "hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}, None),
     "cmnrl-hardness": ("CachedMultipleNegativesRankingLoss",
                        {"mini_batch_size": 4, "hardness_mode": "hard_negatives", "hardness_strength": 5.0}, None),
+    "cmnrl-gte": ("CachedMultipleNegativesRankingLoss", {"mini_batch_size": 4, "directions": GTE}, None),
+    "cmnrl-d2d-in-batch": ("CachedMultipleNegativesRankingLoss",
+                           {"mini_batch_size": 4, "directions": ("query_to_doc", "doc_to_doc"),
+                            "hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}, None),
+    "cmnrl-q2q-all-negatives-pairs": ("CachedMultipleNegativesRankingLoss",
+                                      {"mini_batch_size": 4, "directions": ("query_to_doc", "query_to_query"),
+                                       "hardness_mode": "all_negatives", "hardness_strength": 2.0}, 2),
+    # A similarity the fused kernels do not compute: sentence-transformers' own computation.
+    "mnrl-gte-euclidean": ("MultipleNegativesRankingLoss", {"directions": GTE, "similarity_fct": "euclidean_sim",
+                                                            "scale": 1.0}, None),
 }
-FALLBACK = {"mnrl-gte", "cmnrl-hardness"}
+FALLBACK = {"mnrl-gte-euclidean"}
 
 
 def _kwargs(kwargs: dict) -> dict:
     from sentence_transformers import util
     return {k: getattr(util, v) if k == "similarity_fct" else v for k, v in kwargs.items()}
+
+
+@contextlib.contextmanager
+def _only_fused():
+    """sentence-transformers' own loss computations raise inside: what runs is the fused path."""
+    from sentence_transformers.sentence_transformer import losses as theirs
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("sentence-transformers' own loss computation ran instead of the fused one")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(theirs.MultipleNegativesRankingLoss, "compute_loss_from_embeddings", forbidden)
+        for name in ("CachedMultipleNegativesRankingLoss", "CachedMultipleNegativesSymmetricRankingLoss"):
+            for base in getattr(theirs, name).__mro__:
+                if "calculate_loss" in vars(base) and base.__module__.startswith("sentence_transformers"):
+                    patch.setattr(base, "calculate_loss", forbidden)
+        yield
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -126,27 +179,62 @@ def test_values_and_gradients_equal_sentence_transformers(model_and_batch, case)
     ours, theirs = _classes(name)
     loss_fn = ours(model, **_kwargs(kwargs))
     assert loss_fn.fused() == (case not in FALLBACK)
-    value, grads = _loss_and_grads(model, loss_fn, features, N)
+    with _only_fused() if loss_fn.fused() else contextlib.nullcontext():
+        value, grads = _loss_and_grads(model, loss_fn, features, N)
     ref_value, ref_grads = _loss_and_grads(model, theirs(model, **_kwargs(kwargs)), features, N)
     assert _rel(value, ref_value) < 1e-10
     assert _rel(grads, ref_grads) < 1e-9
 
 
-@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
-def test_float32_within_spec_tolerance(model_and_batch, name):
+FLOAT32_CASES = {
+    "mnrl": ("MultipleNegativesRankingLoss", {}),
+    "cmnrl": ("CachedMultipleNegativesRankingLoss", {"mini_batch_size": 4}),
+    "mnrl-gte-in-batch": ("MultipleNegativesRankingLoss",
+                          {"directions": GTE, "hardness_mode": "in_batch_negatives", "hardness_strength": 9.0}),
+    "cmnrl-gte-hard-negatives": ("CachedMultipleNegativesRankingLoss",
+                                 {"mini_batch_size": 4, "directions": GTE, "hardness_mode": "hard_negatives",
+                                  "hardness_strength": 5.0}),
+    "mnrl-q2q-all-negatives": ("MultipleNegativesRankingLoss",
+                               {"directions": ("query_to_doc", "query_to_query"), "hardness_mode": "all_negatives",
+                                "hardness_strength": 3.0}),
+}
+
+
+@pytest.mark.parametrize("case", list(FLOAT32_CASES))
+def test_float32_within_spec_tolerance(model_and_batch, case):
     """float32 against the float64 loss: within 1e-5, and no worse than 2× sentence-transformers'."""
     model, features = model_and_batch
+    name, kwargs = FLOAT32_CASES[case]
     ours, theirs = _classes(name)
-    kwargs = {"mini_batch_size": 4} if name.startswith("Cached") else {}
     ref_value, ref_grads = _loss_and_grads(model, theirs(model, **kwargs), features, N)
     model.float()
     try:
-        value, grads = _loss_and_grads(model, ours(model, **kwargs), features, N)
+        with _only_fused():
+            value, grads = _loss_and_grads(model, ours(model, **kwargs), features, N)
         st_value, st_grads = _loss_and_grads(model, theirs(model, **kwargs), features, N)
     finally:
         model.double()
     assert _rel(value, ref_value) <= max(1e-5, 2 * _rel(st_value, ref_value))
     assert _rel(grads, ref_grads) <= max(1e-5, 2 * _rel(st_grads, ref_grads))
+
+
+@pytest.mark.parametrize("name", ["MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"])
+def test_single_anchor_query_to_query(model_and_batch, name):
+    """One anchor: query_to_query has no other query (every pair excluded, −∞ inside the kernel);
+    the loss and gradients stay finite and equal sentence-transformers'."""
+    model, features = model_and_batch
+    features = [model.preprocess(texts[:1]) for texts in _texts(N, seed=3)]
+    kwargs = dict(directions=GTE, hardness_mode="in_batch_negatives", hardness_strength=9.0)
+    if name.startswith("Cached"):
+        kwargs["mini_batch_size"] = 4
+    ours, theirs = _classes(name)
+    loss_fn = ours(model, **kwargs)
+    with _only_fused():
+        value, grads = _loss_and_grads(model, loss_fn, features, 1)
+    ref_value, ref_grads = _loss_and_grads(model, theirs(model, **kwargs), features, 1)
+    assert torch.isfinite(value) and torch.isfinite(grads).all()
+    assert _rel(value, ref_value) < 1e-10
+    assert _rel(grads, ref_grads) < 1e-9
 
 
 # --------------------------------------------------------------------------- duplicates
@@ -244,6 +332,18 @@ def test_bad_arguments_name_the_argument(model_and_batch):
         CachedMultipleNegativesRankingLoss(model, duplicates=True)
     with pytest.raises(ValueError, match="duplicates='mask' works with"):
         MultipleNegativesRankingLoss(model, directions=GTE, duplicates="mask")
+    with pytest.raises(ValueError, match="duplicates='positives' works with"):
+        CachedMultipleNegativesRankingLoss(model, hardness_mode="all_negatives", hardness_strength=1.0,
+                                           duplicates="positives")
+    with pytest.raises(ValueError, match="duplicates='mask' works with"):
+        fused_ranking_loss([torch.zeros(2, 3)] * 2, scale=20.0, normalize=True, doc_to_query=False, joint=True,
+                           gather=False, doc_to_doc=True, duplicates="mask", keys=[torch.zeros(2)] * 2)
+    with pytest.raises(ValueError, match="joint"):
+        fused_ranking_loss([torch.zeros(2, 3)] * 2, scale=20.0, normalize=True, doc_to_query=False, joint=False,
+                           gather=False, query_to_query=True)
+    with pytest.raises(ValueError, match="hardness must be None or one of"):
+        fused_ranking_loss([torch.zeros(2, 3)] * 2, scale=20.0, normalize=True, doc_to_query=False, joint=True,
+                           gather=False, hardness="in_batch", hardness_strength=1.0)
     with pytest.raises(ValueError, match="Scale must be a positive value"):
         MultipleNegativesRankingLoss(model, scale=0.0)
     with pytest.raises(ValueError, match="input_ids"):
@@ -291,8 +391,29 @@ CORE_CASES = {
     "per-direction": dict(doc_to_query=True, joint=False),
     "mask": dict(doc_to_query=True, joint=True, duplicates="mask"),
     "positives": dict(doc_to_query=False, joint=True, duplicates="positives"),
+    "gte": dict(doc_to_query=True, joint=True, query_to_query=True, doc_to_doc=True),
+    "gte-in-batch": dict(doc_to_query=True, joint=True, query_to_query=True, doc_to_doc=True,
+                         hardness="in_batch_negatives", hardness_strength=9.0),
+    "d2d-hard-negatives": dict(doc_to_query=False, joint=True, doc_to_doc=True, hardness="hard_negatives",
+                               hardness_strength=5.0),
+    "all-negatives-per-direction": dict(doc_to_query=True, joint=False, hardness="all_negatives",
+                                        hardness_strength=3.0),
 }
 CORE_ROWS = 3
+# The drop-ins on the model with gather_across_devices=True, on 2 ranks.
+MODEL_CASES = [
+    ("MultipleNegativesRankingLoss", {}),
+    ("CachedMultipleNegativesRankingLoss", {"mini_batch_size": 4, "directions": BOTH}),
+    ("MultipleNegativesRankingLoss", {"directions": GTE, "hardness_mode": "in_batch_negatives",
+                                      "hardness_strength": 9.0}),
+    ("CachedMultipleNegativesRankingLoss", {"mini_batch_size": 4, "directions": GTE,
+                                            "hardness_mode": "hard_negatives", "hardness_strength": 5.0}),
+]
+
+
+def _directions(core_case: dict) -> tuple:
+    flags = {"doc_to_query": "doc_to_query", "query_to_query": "query_to_query", "doc_to_doc": "doc_to_doc"}
+    return ("query_to_doc",) + tuple(d for flag, d in flags.items() if core_case.get(flag))
 
 
 def _core_batch(world: int):
@@ -326,11 +447,11 @@ def _worker(rank: int, world: int, rendezvous: str, out_dir: str, with_model: bo
         results[f"core/{name}"] = (loss.detach(), [x.grad for x in local])
     if with_model:
         features = [model.preprocess(texts[rank * N:(rank + 1) * N]) for texts in _texts(world * N, seed=2)]
-        for name, kwargs in [("MultipleNegativesRankingLoss", {}),
-                             ("CachedMultipleNegativesRankingLoss", {"mini_batch_size": 4, "directions": BOTH})]:
+        for c, (name, kwargs) in enumerate(MODEL_CASES):
             for side, cls in zip(("ours", "theirs"), _classes(name)):
                 loss_fn = cls(model, gather_across_devices=True, **kwargs)
-                results[f"model/{name}/{side}"] = _loss_and_grads(model, loss_fn, features, N)
+                with _only_fused() if side == "ours" else contextlib.nullcontext():
+                    results[f"model/{c}/{side}"] = _loss_and_grads(model, loss_fn, features, N)
     dist.destroy_process_group()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -366,10 +487,10 @@ def test_gathered_fused_loss_equals_the_global_batch(tmp_path, world):
         leaves = [e.clone().requires_grad_() for e in emb]
         duplicates = kwargs.get("duplicates")
         if duplicates is None:
-            directions = BOTH if kwargs["doc_to_query"] else ("query_to_doc",)
             partition = "joint" if kwargs["joint"] else "per_direction"
-            ref = Theirs(None, directions=directions, partition_mode=partition).compute_loss_from_embeddings(
-                leaves, None)
+            ref = Theirs(None, directions=_directions(kwargs), partition_mode=partition,
+                         hardness_mode=kwargs.get("hardness"), hardness_strength=kwargs.get("hardness_strength", 0.0),
+                         ).compute_loss_from_embeddings(leaves, None)
         else:
             normed = [torch.nn.functional.normalize(x, dim=1) for x in leaves]
             total = world * CORE_ROWS
@@ -392,13 +513,13 @@ def test_gathered_fused_loss_equals_the_global_batch(tmp_path, world):
 
     model = tiny_model(str(tmp_path / "model"), hidden=DIM).double()
     features = [model.preprocess(texts) for texts in _texts(world * N, seed=2)]
-    for name, kwargs in [("MultipleNegativesRankingLoss", {}),
-                         ("CachedMultipleNegativesRankingLoss", {"mini_batch_size": 4, "directions": BOTH})]:
+    for c, (name, kwargs) in enumerate(MODEL_CASES):
+        case = (name, kwargs)
         for r in per_rank:      # each rank: the drop-in equals sentence-transformers' gathered loss
-            value, grads = r[f"model/{name}/ours"]
-            ref_value, ref_grads = r[f"model/{name}/theirs"]
-            assert _rel(value, ref_value) < 1e-10 and _rel(grads, ref_grads) < 1e-9, name
+            value, grads = r[f"model/{c}/ours"]
+            ref_value, ref_grads = r[f"model/{c}/theirs"]
+            assert _rel(value, ref_value) < 1e-10 and _rel(grads, ref_grads) < 1e-9, case
         # the ranks together: the single-process loss of the global batch, DDP's averaged gradient
         value, grads = _loss_and_grads(model, _classes(name)[0](model, **kwargs), features, world * N)
-        assert _rel(sum(r[f"model/{name}/ours"][0] for r in per_rank) / world, value) < 1e-10, name
-        assert _rel(sum(r[f"model/{name}/ours"][1] for r in per_rank) / world, grads) < 1e-9, name
+        assert _rel(sum(r[f"model/{c}/ours"][0] for r in per_rank) / world, value) < 1e-10, case
+        assert _rel(sum(r[f"model/{c}/ours"][1] for r in per_rank) / world, grads) < 1e-9, case
