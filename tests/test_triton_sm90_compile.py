@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import pyclipfast as pcf
+from pyclipfast.clip import PAIR_RULES, clip_row_lse
 from helpers import HAS_CUDA, apply_small_blocks, features
 
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels are compiled by the GPU tests themselves")
@@ -84,6 +85,10 @@ def _exercise_every_op() -> None:
             x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
             pcf.siglip_loss(x, y, torch.tensor(10.0, requires_grad=True), torch.tensor(-5.0, requires_grad=True),
                             backend="triton", **kw).backward()
+        for rule in PAIR_RULES:
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            clip_row_lse(x, y, torch.tensor(10.0, requires_grad=True), ids, ids, rule=rule, penalty=3.0,
+                         backend="triton").sum().backward()
         with torch.no_grad():
             pcf.siglip_loss(a, b, 10.0, None, negative_only=True, backend="triton")
         for margin, threshold, kd_weight in ((0.0, None, 1.0), (0.2, 0.5, 2.0), (0.1, None, 0.0)):
