@@ -429,8 +429,8 @@ def _register_retrieval(backend: str) -> Dict[str, Callable]:
     return {"count": _define("retrieval_count", backend, count, count_fake)}
 
 
-_REGISTER = {"clip": _register_clip, "clip_pairs": _register_clip_pairs, "siglip": _register_siglip, "distill": _register_distill,
-             "cosine": _register_cosine, "retrieval": _register_retrieval}
+_REGISTER = {"clip": _register_clip, "siglip": _register_siglip, "distill": _register_distill,
+             "cosine": _register_cosine, "retrieval": _register_retrieval, "clip_pairs": _register_clip_pairs}
 
 
 def registered() -> Sequence[Tuple[str, str]]:

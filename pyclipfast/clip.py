@@ -10,6 +10,11 @@ without ever storing the N×M matrix. Everything after it (positive counts,
 reduction, one direction or two) is ordinary autograd on vectors. The bias b
 cancels between the log-sum-exp and the positive term, so it never enters a
 kernel and its gradient is exactly zero.
+
+`clip_row_lse` runs the same kernels rows only with a pair rule on the ids (−∞ on excluded pairs,
+or a stop-gradient penalty α·⟨A_i, B_j⟩ on selected ones) through its own operator
+``pyclipfast::clip_pairs_forward_<backend>``: the building block of the sentence-transformers
+drop-ins' same-type directions and hardness modes.
 """
 from __future__ import annotations
 
