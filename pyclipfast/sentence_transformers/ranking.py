@@ -171,13 +171,12 @@ def fused_ranking_loss(embeddings: Sequence[Tensor], *, scale: float, normalize:
     gather = gather and dist.is_available() and dist.is_initialized()
     first = dist.get_rank() * n if gather else 0
     index = torch.arange(first, first + n, device=anchors.device)
-    no_anchor = torch.full_like(index, -1)
+    k = len(embeddings) - 1
     # The candidates and their ids go through the same gather, so the labels follow the order.
     candidates = torch.cat([_gathered(e, gather) for e in embeddings[1:]])
-    candidate_index = torch.cat([_gathered(i, gather) for i in [index] + [no_anchor] * (len(embeddings) - 2)])
-    candidate_keys = None if keys is None else torch.cat([_gathered(k, gather) for k in keys[1:]])
-    k = len(embeddings) - 1
     owners = _gathered(index, gather)  # the global index of every anchor, in the candidates' order
+    candidate_index = torch.cat([owners] + [torch.full_like(owners, -1)] * (k - 1))  # positives only
+    candidate_keys = None if keys is None else torch.cat([_gathered(key, gather) for key in keys[1:]])
     # s·sim(q_i, p_i), the positive of every direction, in the loss's precision
     cd = torch.float64 if anchors.dtype == torch.float64 else torch.float32
     positive = scale * (anchors.to(cd) * positives.to(cd)).sum(-1)
