@@ -198,7 +198,7 @@ const char* pcf_last_record(void) { return last_record.c_str(); }
 
 int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, float* row_sum, float* row_pos,
                      float* col_max, float* col_sum, float* col_pos, int row_groups, int col_groups,
-                     int row_blocks_per_group, int col_blocks_per_group) {
+                     int row_blocks_per_group, int col_blocks_per_group, float* row_dot, float* col_dot) {
   ClipForwardParams p{};
   p.s = score_params(PCF_SCORE_VALUES);
   p.row_max = row_max;
@@ -211,6 +211,8 @@ int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, f
   p.col_groups = col_groups;
   p.row_blocks_per_group = row_blocks_per_group;
   p.col_blocks_per_group = col_blocks_per_group;
+  p.row_dot = row_dot;
+  p.col_dot = col_dot;
   if (record_only) {
     Record r("clip_forward");
     record_launch(r, device, stream);
@@ -225,6 +227,8 @@ int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, f
     r.i64("col_groups", p.col_groups);
     r.i64("row_blocks_per_group", p.row_blocks_per_group);
     r.i64("col_blocks_per_group", p.col_blocks_per_group);
+    r.ptr("row_dot", p.row_dot);
+    r.ptr("col_dot", p.col_dot);
     r.done();
     return 0;
   }

@@ -49,6 +49,8 @@ struct ClipForwardParams {
   float* col_pos;
   int row_groups, col_groups;
   int row_blocks_per_group, col_blocks_per_group;
+  float* row_dot;  // [col_groups, n_rows] Σ exp(S − max)·S; nullptr: not computed
+  float* col_dot;  // [row_groups, n_cols]; nullptr when rows only or not computed
 };
 
 // InfoNCE gradient tiles of the block [row0, row1) × [col0, col1) of S.

@@ -27,12 +27,22 @@ from ._validation import (
 
 
 def clip_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: Optional[torch.Tensor],
-               col_ids: Optional[torch.Tensor], bidirectional: bool, backend: str) -> tuple:
+               col_ids: Optional[torch.Tensor], bidirectional: bool, backend: str, dots: bool = False) -> tuple:
     """(row_lse, col_lse, row_pos, col_pos), the columns None when one-directional: the fused
-    operator ``pyclipfast::clip_forward_<backend>``, whose backward recomputes the tiles."""
-    row_lse, col_lse, row_pos, col_pos = run(ops("clip", backend), a, b, scale, row_ids, distinct(row_ids, col_ids),
-                                             bidirectional)
-    return (row_lse, col_lse, row_pos, col_pos) if bidirectional else (row_lse, None, row_pos, None)
+    operator ``pyclipfast::clip_forward_<backend>``, whose backward recomputes the tiles.
+
+    dots: also (row_dot, col_dot), the softmax-weighted mean logits of the same sweep,
+
+        row_dot_i = Σ_j softmax_j(S_i·)·S_ij = s·∂row_lse_i/∂s,   col_dot_j = Σ_i softmax_i(S_·j)·S_ij,
+
+    for a scale gradient the caller forms itself; they carry no gradient.
+    """
+    row_lse, col_lse, row_pos, col_pos, row_dot, col_dot = run(
+        ops("clip", backend), a, b, scale, row_ids, distinct(row_ids, col_ids), bidirectional, dots)
+    stats = (row_lse, col_lse, row_pos, col_pos) if bidirectional else (row_lse, None, row_pos, None)
+    if not dots:
+        return stats
+    return stats + (row_dot.detach(), col_dot.detach() if bidirectional else None)
 
 
 def clip_loss(
