@@ -6,7 +6,8 @@
 
 The fused part is `clip_stats`, a torch.library operator per backend
 (pyclipfast/_ops.py) with registered autograd, that returns the four O(N+M) vectors (row/column log-sum-exp and row/column sums of positive logits)
-without ever storing the N×M matrix. Everything after it (positive counts,
+without ever storing the N×M matrix (and, on request, the softmax-weighted mean logits of rows and
+columns, for scale gradients formed outside it). Everything after it (positive counts,
 reduction, one direction or two) is ordinary autograd on vectors. The bias b
 cancels between the log-sum-exp and the positive term, so it never enters a
 kernel and its gradient is exactly zero.

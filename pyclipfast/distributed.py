@@ -62,7 +62,8 @@ column's owner with the log-sum-exp weights, like the column sums), so that
 with P^c the softmax over all ranks' rows. The loss is computed with s detached and
 (s − s.detach())·∂ℓ_r/∂s added: the same value, and exactly that gradient (one multiply-add more
 per score in the forward, no extra collective: the column means ride in the reduce-scatter).
-Without local_loss every rank's scale gets ∂L/∂s (the per-rank shares summed in the backward).
+Without local_loss every rank's scale gets ∂L/∂s (the per-rank shares summed in the backward, so
+this assumes the same upstream gradient on every rank, as ``loss.backward()`` gives).
 """
 from __future__ import annotations
 
