@@ -198,7 +198,8 @@ const char* pcf_last_record(void) { return last_record.c_str(); }
 
 int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, float* row_sum, float* row_pos,
                      float* col_max, float* col_sum, float* col_pos, int row_groups, int col_groups,
-                     int row_blocks_per_group, int col_blocks_per_group, int pair_rule, float penalty) {
+                     int row_blocks_per_group, int col_blocks_per_group, int pair_rule, float penalty,
+                     float* row_dot, float* col_dot) {
   ClipForwardParams p{};
   p.s = score_params(PCF_SCORE_VALUES);
   p.row_max = row_max;
@@ -213,6 +214,8 @@ int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, f
   p.col_blocks_per_group = col_blocks_per_group;
   p.pair_rule = static_cast<PairRule>(pair_rule);
   p.penalty = penalty;
+  p.row_dot = row_dot;
+  p.col_dot = col_dot;
   if (record_only) {
     Record r("clip_forward");
     record_launch(r, device, stream);
@@ -229,6 +232,8 @@ int pcf_clip_forward(int device, void* stream, PCF_SCORE_ARGS, float* row_max, f
     r.i64("col_blocks_per_group", p.col_blocks_per_group);
     r.i64("pair_rule", static_cast<int>(p.pair_rule));
     r.f32("penalty", p.penalty);
+    r.ptr("row_dot", p.row_dot);
+    r.ptr("col_dot", p.col_dot);
     r.done();
     return 0;
   }

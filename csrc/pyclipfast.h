@@ -56,6 +56,8 @@ struct ClipForwardParams {
   int row_blocks_per_group, col_blocks_per_group;
   PairRule pair_rule;      // kNone: the plain InfoNCE; else rows only, ids in s.row_ids / s.col_ids
   float penalty;
+  float* row_dot;  // [col_groups, n_rows] Σ exp(S − max)·S; nullptr: not computed (always with a pair rule)
+  float* col_dot;  // [row_groups, n_cols]; nullptr when rows only or not computed
 };
 
 // InfoNCE gradient tiles of the block [row0, row1) × [col0, col1) of S.

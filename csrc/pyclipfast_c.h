@@ -24,7 +24,7 @@
 extern "C" {
 #endif
 
-#define PCF_ABI_VERSION 2
+#define PCF_ABI_VERSION 3
 
 /* The library is built with hidden symbols; these are the ones it exports. */
 #if defined(__GNUC__)
@@ -64,11 +64,13 @@ PCF_API const char *pcf_last_record(void);
 
 /* InfoNCE forward sweep on a row_groups × col_groups grid: per-group (max, sum-exp, positive
  * sum) of rows ([col_groups, n_rows] each) and columns ([row_groups, n_cols]; NULL: rows only).
- * With a pair_rule: rows only, and row_pos holds 0 (or NaN for a non-finite score). */
+ * With a pair_rule: rows only, and row_pos holds 0 (or NaN for a non-finite score).
+ * row_dot, col_dot: the per-group Σ exp(S − max)·S beside each sum-exp (NULL: not computed;
+ * col_dot NULL when rows only; both NULL with a pair_rule). */
 PCF_API int pcf_clip_forward(int device, void *stream, PCF_SCORE_ARGS, float *row_max, float *row_sum,
                      float *row_pos, float *col_max, float *col_sum, float *col_pos, int row_groups,
                      int col_groups, int row_blocks_per_group, int col_blocks_per_group, int pair_rule,
-                     float penalty);
+                     float penalty, float *row_dot, float *col_dot);
 
 /* InfoNCE gradient tiles G·inv_norm of the block [row0, row1) × [col0, col1) of S into g_out
  * (features' dtype, strides stride_gm/stride_gn; NULL: not stored) and one dscale partial per

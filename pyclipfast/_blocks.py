@@ -61,25 +61,36 @@ def split_groups(n_row_blocks: int, n_col_blocks: int, max_row_groups: int, targ
     return row_groups, col_groups, rb_per, cb_per
 
 
-def lse_partials(n: int, m: int, row_groups: int, col_groups: int, bidirectional: bool, device) -> dict:
+def lse_partials(n: int, m: int, row_groups: int, col_groups: int, bidirectional: bool, device,
+                 dots: bool = False) -> dict:
     """Buffers of a split InfoNCE forward sweep: per column group the rows' (max, sum-exp, positive
     sum), per row group the columns' (initialised to the empty merge: -inf, 0, 0); columns are
-    None for a rows-only sweep."""
+    None for a rows-only sweep. dots: also the exp-weighted sums Σ exp(S − max)·S (row_dot,
+    col_dot; None without)."""
     f32 = dict(dtype=torch.float32, device=device)
     parts = dict(row_max=torch.empty(col_groups, n, **f32), row_sum=torch.empty(col_groups, n, **f32),
-                 row_pos=torch.empty(col_groups, n, **f32), col_max=None, col_sum=None, col_pos=None)
+                 row_pos=torch.empty(col_groups, n, **f32), col_max=None, col_sum=None, col_pos=None,
+                 row_dot=torch.empty(col_groups, n, **f32) if dots else None, col_dot=None)
     if bidirectional:
         parts.update(col_max=torch.full((row_groups, m), float("-inf"), **f32),
                      col_sum=torch.zeros(row_groups, m, **f32), col_pos=torch.zeros(row_groups, m, **f32))
+        if dots:
+            parts.update(col_dot=torch.zeros(row_groups, m, **f32))
     return parts
 
 
 def merge_lse_partials(parts: dict) -> tuple:
-    """(row_lse, col_lse, row_pos, col_pos) from `lse_partials` buffers filled by a kernel."""
+    """(row_lse, col_lse, row_pos, col_pos, row_dot, col_dot) from `lse_partials` buffers filled by
+    a kernel; row_dot_i = Σ_j softmax_j(S_i·)·S_ij (col_dot alike), None where not asked for."""
     row_lse, row_pos = merge_lse(parts["row_max"], parts["row_sum"]), parts["row_pos"].sum(0)
+    row_dot = col_dot = None
+    if parts.get("row_dot") is not None:
+        row_dot = merge_weighted(parts["row_max"], parts["row_sum"], parts["row_dot"])
     if parts["col_max"] is None:
-        return row_lse, None, row_pos, None
-    return row_lse, merge_lse(parts["col_max"], parts["col_sum"]), row_pos, parts["col_pos"].sum(0)
+        return row_lse, None, row_pos, None, row_dot, None
+    if parts.get("col_dot") is not None:
+        col_dot = merge_weighted(parts["col_max"], parts["col_sum"], parts["col_dot"])
+    return row_lse, merge_lse(parts["col_max"], parts["col_sum"]), row_pos, parts["col_pos"].sum(0), row_dot, col_dot
 
 
 def gradient_norm(vectors, device) -> torch.Tensor:

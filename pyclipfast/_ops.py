@@ -1,6 +1,6 @@
 """The fused part of every loss as a torch.library operator, one set per backend.
 
-    pyclipfast::clip_forward_<backend>     (A, B, s, ids)        -> row_lse, col_lse, row_pos, col_pos
+    pyclipfast::clip_forward_<backend>     (A, B, s, ids)        -> row_lse, col_lse, row_pos, col_pos, row_dot, col_dot
     pyclipfast::clip_backward_<backend>    (..., upstream grads) -> dA, dB, ds
     pyclipfast::clip_pairs_forward_<backend>  (A, B, s, ids, rule, α) -> row_lse (rows only, a pair rule)
     pyclipfast::clip_pairs_backward_<backend> (..., upstream grad)     -> dA, dB, ds
@@ -172,14 +172,15 @@ def _register_clip(backend: str) -> Dict[str, Callable]:
     impl = implementation("clip", backend)
 
     def forward(a: Tensor, b: Tensor, scale: Tensor, row_ids: Optional[Tensor], col_ids: Optional[Tensor],
-                bidirectional: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                bidirectional: bool, dots: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with _no_autocast(a):
-            row_lse, col_lse, row_pos, col_pos = impl.clip_forward(a, b, scale, row_ids, col_ids, bidirectional)
-        return row_lse, _or_empty(col_lse, a), row_pos, _or_empty(col_pos, a)
+            stats = impl.clip_forward(a, b, scale, row_ids, col_ids, bidirectional, dots)
+        return tuple(_or_empty(x, a) for x in stats)
 
-    def forward_fake(a, b, scale, row_ids, col_ids, bidirectional):
+    def forward_fake(a, b, scale, row_ids, col_ids, bidirectional, dots=False):
         n, m = a.shape[0], b.shape[0]
-        return _vec(a, n), _vec(a, m, bidirectional), _vec(a, n), _vec(a, m, bidirectional)
+        return (_vec(a, n), _vec(a, m, bidirectional), _vec(a, n), _vec(a, m, bidirectional), _vec(a, n, dots),
+                _vec(a, m, bidirectional and dots))
 
     def backward(a: Tensor, b: Tensor, scale: Tensor, row_ids: Optional[Tensor], col_ids: Optional[Tensor],
                  row_lse: Tensor, col_lse: Optional[Tensor], g_row: Optional[Tensor], g_col: Optional[Tensor],
@@ -201,11 +202,13 @@ def _register_clip(backend: str) -> Dict[str, Callable]:
     bwd_op = bwd._opoverload
 
     def setup_context(ctx, inputs, output):
-        a, b, scale, row_ids, col_ids, bidirectional = inputs
-        ctx.bidirectional = bidirectional
+        a, b, scale, row_ids, col_ids, bidirectional = inputs[:6]
+        ctx.bidirectional, ctx.n_inputs = bidirectional, len(inputs)
         ctx.save_for_backward(a, b, scale, row_ids, col_ids, output[0], output[1] if bidirectional else None)
 
-    def grads(ctx, g_row, g_col, g_row_pos, g_col_pos):
+    def grads(ctx, g_row, g_col, g_row_pos, g_col_pos, g_row_dot=None, g_col_dot=None):
+        # row_dot and col_dot feed scale gradients formed by the caller (pyclipfast/distributed.py):
+        # they carry no gradient of their own, and their upstream gradients are ignored.
         a, b, scale, row_ids, col_ids, row_lse, col_lse = ctx.saved_tensors
         need_a, need_b, need_scale = ctx.needs_input_grad[:3]
         if not ctx.bidirectional:
@@ -216,7 +219,7 @@ def _register_clip(backend: str) -> Dict[str, Callable]:
         da, db, dscale = _first_order((da if need_a else None, db if need_b else None,
                                        _scale_grad(dscale, scale) if need_scale else None),
                                       (a, b, scale, g_row, g_col, g_row_pos, g_col_pos))
-        return da, db, dscale, None, None, None
+        return (da, db, dscale) + (None,) * (ctx.n_inputs - 3)
 
     fwd.register_autograd(grads, setup_context=setup_context)
     return {"forward": fwd, "backward": bwd, "function": _function("ClipStats", fwd, setup_context, grads)}

@@ -6,7 +6,8 @@
 
 The fused part is `clip_stats`, a torch.library operator per backend
 (pyclipfast/_ops.py) with registered autograd, that returns the four O(N+M) vectors (row/column log-sum-exp and row/column sums of positive logits)
-without ever storing the N×M matrix. Everything after it (positive counts,
+without ever storing the N×M matrix (and, on request, the softmax-weighted mean logits of rows and
+columns, for scale gradients formed outside it). Everything after it (positive counts,
 reduction, one direction or two) is ordinary autograd on vectors. The bias b
 cancels between the log-sum-exp and the positive term, so it never enters a
 kernel and its gradient is exactly zero.
@@ -33,12 +34,22 @@ from ._validation import (
 
 
 def clip_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: Optional[torch.Tensor],
-               col_ids: Optional[torch.Tensor], bidirectional: bool, backend: str) -> tuple:
+               col_ids: Optional[torch.Tensor], bidirectional: bool, backend: str, dots: bool = False) -> tuple:
     """(row_lse, col_lse, row_pos, col_pos), the columns None when one-directional: the fused
-    operator ``pyclipfast::clip_forward_<backend>``, whose backward recomputes the tiles."""
-    row_lse, col_lse, row_pos, col_pos = run(ops("clip", backend), a, b, scale, row_ids, distinct(row_ids, col_ids),
-                                             bidirectional)
-    return (row_lse, col_lse, row_pos, col_pos) if bidirectional else (row_lse, None, row_pos, None)
+    operator ``pyclipfast::clip_forward_<backend>``, whose backward recomputes the tiles.
+
+    dots: also (row_dot, col_dot), the softmax-weighted mean logits of the same sweep,
+
+        row_dot_i = Σ_j softmax_j(S_i·)·S_ij = s·∂row_lse_i/∂s,   col_dot_j = Σ_i softmax_i(S_·j)·S_ij,
+
+    for a scale gradient the caller forms itself; they carry no gradient.
+    """
+    row_lse, col_lse, row_pos, col_pos, row_dot, col_dot = run(
+        ops("clip", backend), a, b, scale, row_ids, distinct(row_ids, col_ids), bidirectional, dots)
+    stats = (row_lse, col_lse, row_pos, col_pos) if bidirectional else (row_lse, None, row_pos, None)
+    if not dots:
+        return stats
+    return stats + (row_dot.detach(), col_dot.detach() if bidirectional else None)
 
 
 # Pair rules of `clip_row_lse`, and their codes in the kernels (0: no rule, the plain InfoNCE).

@@ -50,10 +50,24 @@ DistillClipLoss run the one sweep above: open_clip's local_loss on rank r is
 ½[mean_{i∈r} row term + mean_{j∈r} column term] of the global batch, so it costs
 8·N·M·D/W FLOPs instead of open_clip's 12; with gather_with_grad each shard's
 gradient is W·∂L/∂A_r (open_clip's), which DDP's averaging turns into ∇L.
+
+The logit scale's gradient is open_clip's on every rank too. With local_loss that is rank r's
+own ∂ℓ_r/∂s, which the sweep's backward (Σ over rank r's rows of G_ij·⟨A_i, B_j⟩, column terms of
+other ranks' columns included) does not give: the sweep then also keeps the softmax-weighted mean
+logits, Σ_j P^r_ij S_ij per row and, per column, the same over this rank's rows (merged at the
+column's owner with the log-sum-exp weights, like the column sums), so that
+
+    ∂ℓ_r/∂s = ½[mean_{i∈r}(Σ_j P^r_ij S_ij − mean_{P(i)} S_ij) + mean_{j∈r}(Σ_i P^c_ij S_ij − mean_{Q(j)} S_ij)] / s
+
+with P^c the softmax over all ranks' rows. The loss is computed with s detached and
+(s − s.detach())·∂ℓ_r/∂s added: the same value, and exactly that gradient (one multiply-add more
+per score in the forward, no extra collective: the column means ride in the reduce-scatter).
+Without local_loss every rank's scale gets ∂L/∂s (the per-rank shares summed in the backward, so
+this assumes the same upstream gradient on every rank, as ``loss.backward()`` gives).
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -181,12 +195,13 @@ class _GradTimes(torch.autograd.Function):
 
 
 def _column_merge(lse_parts: torch.Tensor, sum_parts: Optional[torch.Tensor], group,
-                  weighted_parts: Optional[torch.Tensor] = None, weight: int = 0):
+                  weighted_parts: Optional[torch.Tensor] = None, weight: Union[int, Sequence[int]] = 0):
     """Merge per-rank column partials at each column's owner.
 
     lse_parts (K, W·m): this rank's log-sum-exps over its rows, for every column; sum_parts (J, W·m):
     sums over its rows; weighted_parts (L, W·m): means over its rows weighted by the softmax
-    exp(S_ij − lse_parts[weight]_j) (the teacher's col_cross). Returns, for this rank's m columns,
+    exp(S_ij − lse_parts[weight]_j) (the teacher's col_cross, the student's col_dot); weight: one
+    index for all of them, or one per weighted part. Returns, for this rank's m columns,
     the (K, m) log-sum-exps over all rows, the (J, m) sums and the (L, m) weighted means:
 
         lse_j  = peak_j + log Σ_k exp(lse_j^(k) − peak_j)         (peak_j = max_k lse_j^(k), an all-reduce)
@@ -202,6 +217,8 @@ def _column_merge(lse_parts: torch.Tensor, sum_parts: Optional[torch.Tensor], gr
     if sum_parts is None:
         sum_parts = lse_parts[:0]
     payload = [exps, sum_parts]
+    if not isinstance(weight, int):
+        weight = list(weight)
     if weighted_parts is not None:
         payload.append(weighted_parts * exps[weight].detach())
     payload = torch.cat(payload)                                                   # (K + J + L, W·m)
@@ -373,26 +390,49 @@ def _zero_bias_grad(loss: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.T
 
 
 def _clip_terms(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, image_ids,
-                text_ids, backend: str, group) -> Tuple[torch.Tensor, torch.Tensor]:
+                text_ids, backend: str, group, scale_derivatives: bool = False):
     """The global batch's per-row terms r_i − mean_{P(i)} S_ij of this rank's n image rows and
     per-column terms c_j − mean_{Q(j)} S_ij of its m text columns.
 
     One fused sweep of S_r = s·A_r·B_allᵀ gives the rows' statistics and every column's partials
     over this rank's rows; `_column_merge` brings column j's partials to j's owner.
+
+    scale_derivatives: also return the terms' exact derivatives in s (no graph), from the softmax
+    means of the same sweep (`_block_stats` dots), the columns' merged with their log-sum-exp weights:
+
+        ∂row_i/∂s = (Σ_j P^r_ij S_ij − mean_{P(i)} S_ij) / s,   ∂col_j/∂s = (Σ_i P^c_ij S_ij − mean_{Q(j)} S_ij) / s
+
+    (P^c the softmax over all ranks' rows). The terms then carry no scale gradient themselves:
+    the caller routes one through these derivatives.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     n, m = image_features.shape[0], text_features.shape[0]
     all_text = all_gather_with_grad(text_features, group)
+    if scale_derivatives:
+        scale = scale.detach()
     if image_ids is None:
-        row_lse, col_lse_part, _, _ = _block_stats(image_features, all_text, scale, None, None, backend)
-        (col_lse,), _, _ = _column_merge(col_lse_part[None], None, group)
-        positive = _diagonal_logits(image_features, text_features, scale)
-        return row_lse - positive, col_lse - positive
-    row_count, col_count, all_text_ids = _clip_counts(image_ids, text_ids, rank, n, m, group)
-    row_lse, col_lse_part, row_pos, col_pos_part = _block_stats(image_features, all_text, scale, image_ids,
-                                                                all_text_ids, backend)
-    (col_lse,), (col_pos,), _ = _column_merge(col_lse_part[None], col_pos_part[None], group)
-    return row_lse - row_pos / row_count, col_lse - col_pos / col_count
+        row_lse, col_lse_part, _, _, *row_col_dot = _block_stats(image_features, all_text, scale, None, None, backend,
+                                                                 dots=scale_derivatives)
+        (col_lse,), _, col_dot = _column_merge(col_lse_part[None], None, group, *_dot_parts(row_col_dot))
+        row_pos = col_pos = _diagonal_logits(image_features, text_features, scale)
+        row_count = col_count = 1
+    else:
+        row_count, col_count, all_text_ids = _clip_counts(image_ids, text_ids, rank, n, m, group)
+        row_lse, col_lse_part, row_pos, col_pos_part, *row_col_dot = _block_stats(
+            image_features, all_text, scale, image_ids, all_text_ids, backend, dots=scale_derivatives)
+        (col_lse,), (col_pos,), col_dot = _column_merge(col_lse_part[None], col_pos_part[None], group,
+                                                        *_dot_parts(row_col_dot))
+    rows, cols = row_lse - row_pos / row_count, col_lse - col_pos / col_count
+    if not scale_derivatives:
+        return rows, cols
+    with torch.no_grad():
+        return rows, cols, (row_col_dot[0] - row_pos / row_count) / scale, (col_dot[0] - col_pos / col_count) / scale
+
+
+def _dot_parts(row_col_dot: Sequence[torch.Tensor]) -> tuple:
+    """`_column_merge`'s weighted_parts for the columns' softmax means of a sweep with dots (weighted by
+    the column log-sum-exp partials), or nothing."""
+    return (row_col_dot[1][None],) if row_col_dot else ()
 
 
 def _diagonal_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -415,16 +455,21 @@ def _clip_counts(image_ids: torch.Tensor, text_ids: torch.Tensor, rank: int, n: 
 
 
 def _block_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, row_ids: Optional[torch.Tensor],
-                 col_ids: Optional[torch.Tensor], backend: str):
+                 col_ids: Optional[torch.Tensor], backend: str, dots: bool = False):
     """(row_lse, col_lse, row_pos, col_pos) of the block S = s·A_r·B_allᵀ: one fused sweep (math in pyclipfast/clip.py).
-    Without ids the positive sums are not used (the caller forms them)."""
+    Without ids the positive sums are not used (the caller forms them). dots: also the softmax
+    means (row_dot, col_dot) of the same sweep (`pyclipfast.clip.clip_stats`), without gradient."""
     if backend != "reference":
-        return _clip.clip_stats(a, b, scale, row_ids, col_ids, True, backend)
+        return _clip.clip_stats(a, b, scale, row_ids, col_ids, True, backend, dots)
     logits = reference.logits(a, b, scale)
+    extra = ()
+    if dots:
+        with torch.no_grad():
+            extra = (logits.softmax(1) * logits).sum(1), (logits.softmax(0) * logits).sum(0)
     if row_ids is None:
-        return logits.logsumexp(1), logits.logsumexp(0), None, None
+        return (logits.logsumexp(1), logits.logsumexp(0), None, None) + extra
     positives = reference.positive_mask(*logits.shape, row_ids, col_ids, logits.device).to(logits.dtype)
-    return logits.logsumexp(1), logits.logsumexp(0), (logits * positives).sum(1), (logits * positives).sum(0)
+    return (logits.logsumexp(1), logits.logsumexp(0), (logits * positives).sum(1), (logits * positives).sum(0)) + extra
 
 
 def siglip_loss(
@@ -525,9 +570,8 @@ def clip_module_loss(module, image_features: torch.Tensor, text_features: torch.
     rank's rows and columns; without it, the global loss L on every rank. Both come from the one
     sweep of `clip_loss` (8·N·M·D/W FLOPs per rank; open_clip's local_loss does 12), with
     open_clip's values and feature gradients (W·∂L/∂A_r with gather_with_grad). Every rank's
-    scale gradient without local_loss is ∂L/∂s, as open_clip's; with local_loss the per-rank
-    scale gradients are shares that sum to open_clip's sum over ranks (W·∂L/∂s), which is what
-    DDP's gradient averaging sees.
+    scale gradient is open_clip's on that rank: ∂L/∂s without local_loss; with it, rank r's own
+    ∂ℓ_r/∂s, from the softmax-mean statistics of the same sweep (see the module docstring).
 
     local_loss without gather_with_grad cuts the gradient of the gathered copies, which one
     sweep cannot split off: it runs the rows-only loss in each direction, as open_clip does.
@@ -538,14 +582,29 @@ def clip_module_loss(module, image_features: torch.Tensor, text_features: torch.
     name = resolve("clip", module.backend, image_features)
     scale = _replicated_scale(module, as_scale("logit_scale", logit_scale, image_features))
     bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features, positive=False)
-    rows, cols = _clip_terms(image_features, text_features, scale, image_ids, text_ids, name, module.group)
     if module.local_loss:
+        exact = _needs_grad(scale)
+        rows, cols, *d_terms = _clip_terms(image_features, text_features, scale, image_ids, text_ids, name,
+                                           module.group, scale_derivatives=exact)
         loss = 0.5 * (rows.mean() + cols.mean())
+        if exact:
+            loss = _with_scale_derivative(loss, scale, 0.5 * (d_terms[0].mean() + d_terms[1].mean()))
     else:
+        rows, cols = _clip_terms(image_features, text_features, scale, image_ids, text_ids, name, module.group)
         world = module.world_size
         loss = _module_total(module, rows.sum() / (2 * world * rows.shape[0])
                              + cols.sum() / (2 * world * cols.shape[0]))
     return _zero_bias_grad(loss, bias)
+
+
+def _needs_grad(scale: torch.Tensor) -> bool:
+    return scale.requires_grad and torch.is_grad_enabled()
+
+
+def _with_scale_derivative(loss: torch.Tensor, scale: torch.Tensor, derivative: torch.Tensor) -> torch.Tensor:
+    """loss + (s − s.detach())·∂loss/∂s: the same value, and s's gradient is `derivative` times the
+    upstream gradient (the loss's other terms were computed with s detached)."""
+    return loss + (scale - scale.detach()).to(loss.dtype) * derivative.to(loss.dtype)
 
 
 def _own_and_all_ids(module, image_ids, text_ids, n: int, device):
@@ -658,6 +717,13 @@ def distill_module_loss(module, image_features: torch.Tensor, text_features: tor
 
     with local_loss, and the global losses on every rank without it. local_loss without
     gather_with_grad runs the rows-only statistics in each direction, as open_clip does.
+
+    Each rank's logit-scale gradient is open_clip's on that rank. With local_loss and
+    gather_with_grad both terms' ∂/∂s need the student's softmax-weighted mean logits (margin 0:
+    the contrastive and the KD student softmax are the same), ∂CE_i/∂s = (Σ_j P_ij S_ij − S_ii)/s and
+    ∂KD_i/∂s = (Σ_j P_ij S_ij − Σ_j P^T_ij S_ij)/s (columns alike); the distillation sweep does not
+    keep them, so a forward-only InfoNCE sweep with the dot statistics runs beside it (2·n·M·D
+    FLOPs more per rank, no backward).
     """
     image_ids, text_ids = _module_inputs(module, image_features, text_features, image_ids, text_ids,
                                          dist_image_features=dist_image_features,
@@ -670,25 +736,40 @@ def distill_module_loss(module, image_features: torch.Tensor, text_features: tor
         return _distill_local_rows(module, image_features, text_features, logit_scale, teacher_image, teacher_text,
                                    teacher_scale, image_ids, text_ids, name)
     scale = _replicated_scale(module, as_scale("logit_scale", logit_scale, image_features))
+    exact = module.local_loss and _needs_grad(scale)
+    if exact:  # each rank's own ∂/∂s below, from the softmax means of a forward-only sweep
+        scale, live_scale = scale.detach(), scale
     group, world, rank = module.group, module.world_size, module.rank
     n, m = image_features.shape[0], text_features.shape[0]
     all_text = all_gather_with_grad(text_features, group)
     all_ids = None if image_ids is None else _clip_counts(image_ids, text_ids, rank, n, m, group)
+    all_text_ids = None if all_ids is None else all_ids[2]
     stats = _distill_block_stats(image_features, all_text, scale, teacher_image, _gather(teacher_text, group),
-                                 teacher_scale, image_ids, None if all_ids is None else all_ids[2], name)
+                                 teacher_scale, image_ids, all_text_ids, name)
+    weighted, weight = stats["col_cross"][None], 2
+    if exact:
+        with torch.no_grad():
+            row_dot, col_dot = _block_stats(image_features, all_text.detach(), scale, None, None,
+                                            resolve("clip", module.backend, image_features), dots=True)[4:]
+        weighted, weight = torch.stack([stats["col_cross"], col_dot]), (2, 1)
     lse, pos, cross = _column_merge(
         torch.stack([stats["col_lse"], stats["student_col_lse"], stats["teacher_col_lse"]]),
-        None if all_ids is None else stats["col_pos"][None], group,
-        weighted_parts=stats["col_cross"][None], weight=2)
+        None if all_ids is None else stats["col_pos"][None], group, weighted_parts=weighted, weight=weight)
     if all_ids is None:  # the global diagonal: rank r's positives are its own pairs
-        positive = _diagonal_logits(image_features, text_features, scale)
-        rows_ce, cols_ce = stats["row_lse"] - positive, lse[0] - positive
+        row_pos = col_pos = _diagonal_logits(image_features, text_features, scale)
     else:
-        rows_ce = stats["row_lse"] - stats["row_pos"] / all_ids[0]
-        cols_ce = lse[0] - pos[0] / all_ids[1]
+        row_pos, col_pos = stats["row_pos"] / all_ids[0], pos[0] / all_ids[1]
+    rows_ce, cols_ce = stats["row_lse"] - row_pos, lse[0] - col_pos
     rows_kd, cols_kd = stats["student_row_lse"] - stats["row_cross"], lse[1] - cross[0]
     if module.local_loss:
-        return 0.5 * (rows_ce.mean() + cols_ce.mean()), 0.5 * (rows_kd.mean() + cols_kd.mean())
+        contrastive, distill = 0.5 * (rows_ce.mean() + cols_ce.mean()), 0.5 * (rows_kd.mean() + cols_kd.mean())
+        if exact:  # margin 0: the student's softmax is the contrastive one, ∂lse/∂s = dot / s for both
+            with torch.no_grad():
+                d_contrastive = 0.5 * ((row_dot - row_pos).mean() + (cross[1] - col_pos).mean()) / scale
+                d_distill = 0.5 * ((row_dot - stats["row_cross"]).mean() + (cross[1] - cross[0]).mean()) / scale
+            contrastive = _with_scale_derivative(contrastive, live_scale, d_contrastive)
+            distill = _with_scale_derivative(distill, live_scale, d_distill)
+        return contrastive, distill
     shares = torch.stack([rows_ce.sum() / (2 * world * n) + cols_ce.sum() / (2 * world * m),
                           rows_kd.sum() / (2 * world * n) + cols_kd.sum() / (2 * world * m)])
     total = _module_total(module, shares)

@@ -161,3 +161,82 @@ def test_signed_and_zero_upstream_weights(backend):
         per_row = pcf.clip_loss(x, y, 9.0, reduction="none", backend=name)
         store.extend([per_row, *torch.autograd.grad((per_row * w.to(x.device, x.dtype)).sum(), (x, y))])
     assert_close_to_reference(out, ref, torch.float32, ["per-row loss", "d_image", "d_text"])
+
+
+# --------------------------------------------------------------------------- softmax-mean ("dot") statistics
+
+# N200xM40: a program of the Triton sweep walks several row blocks, so its column partials are
+# rescaled when a later row block raises a column's max.
+DOT_CASES = [c for c in CASES if c[0] in ("N1-D8", "N70-D48-strided", "N50-D32-scale100", "N60-D16-duplicate-rows",
+                                          "N45xM70-D24-ids", "N40-D12-repeated-ids")]
+DOT_CASES.append(("N200xM40-D16", 200, 40, 16, 30.0, {}, None))
+
+
+def check_dots(backend, dtype, case, bidirectional):
+    """row_dot_i = Σ_j softmax_j(S_i·)·S_ij and col_dot_j = Σ_i softmax_i(S_·j)·S_ij of the fused sweep
+    against the float64 materialised values on the same inputs; the other statistics unchanged."""
+    from pyclipfast.clip import clip_stats
+
+    _, n, m, d, s, opts, ids = case
+    seed = fresh_seed()
+    a = features(n, d, dtype=dtype, seed=seed, **opts)
+    b = features(m, d, dtype=dtype, seed=seed + 1, **opts)
+    scale = torch.tensor(s, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=DEVICE)
+    kw = _ids(n, m, ids, seed)
+    row_ids, col_ids = kw.get("image_ids"), kw.get("text_ids")
+    stats = clip_stats(a, b, scale, row_ids, col_ids, bidirectional, backend, dots=True)
+    logits = scale.double().cpu() * a.double().cpu() @ b.double().cpu().T
+    ref = [(logits.softmax(1) * logits).sum(1)] + ([(logits.softmax(0) * logits).sum(0)] if bidirectional else [])
+    assert len(stats) == 6 and (stats[5] is None) == (not bidirectional)
+    assert_close_to_reference(stats[4:4 + len(ref)], ref, dtype, ["row_dot", "col_dot"])
+    plain = clip_stats(a, b, scale, row_ids, col_ids, bidirectional, backend)
+    for name, with_dots, without in zip(("row_lse", "col_lse", "row_pos", "col_pos"), stats, plain):
+        assert (with_dots is None) == (without is None), name
+        assert with_dots is None or torch.equal(with_dots, without), f"{name} changed when the dots are computed"
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidir", "rows"])
+@pytest.mark.parametrize("case", DOT_CASES, ids=[c[0] for c in DOT_CASES])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params())
+def test_dots_match_float64(backend, dtype, case, bidirectional):
+    check_dots(backend, dtype, case, bidirectional)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidir", "rows"])
+@pytest.mark.parametrize("case", SMALL_BLOCK_CASES + [c for c in CASES if c[0] == "N50-D32-scale100"],
+                         ids=[c[0] for c in SMALL_BLOCK_CASES] + ["N50-D32-scale100"])
+@pytest.mark.parametrize("backend", fast_backends())
+def test_dots_small_blocks_match_float64(backend, case, bidirectional, small_blocks):
+    """Many row groups and column groups: each group's Σ exp(S − max)·S merged with its sum-exp's
+    weights, the running sums rescaled whenever a later tile raises the max."""
+    check_dots(backend, torch.float32, case, bidirectional)
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_dots_of_non_finite_features_are_nan(backend):
+    from pyclipfast.clip import clip_stats
+
+    a, b = features(20, 8, seed=1), features(30, 8, seed=2)
+    a[3, 2] = float("inf")
+    stats = clip_stats(a, b, torch.tensor(5.0, device=DEVICE), None, None, True, backend, dots=True)  # unchecked
+    row_dot, col_dot = stats[4].cpu(), stats[5].cpu()
+    assert torch.isnan(row_dot[3]) and torch.isfinite(torch.cat([row_dot[:3], row_dot[4:]])).all()
+    assert torch.isnan(col_dot).all()
+
+
+def test_dots_do_not_take_a_gradient():
+    """The dots feed scale gradients formed outside the operator: the operator's backward is the
+    one of the four statistics, whatever reaches the dots."""
+    from pyclipfast.clip import clip_stats
+
+    a, b = leaves(features(12, 6, seed=5), features(12, 6, seed=6))
+    scale = torch.tensor(4.0, device=DEVICE, requires_grad=True)
+    row_lse, col_lse, _, _, row_dot, col_dot = clip_stats(a, b, scale, None, None, True, "torch", dots=True)
+    assert not row_dot.requires_grad and not col_dot.requires_grad
+    grads = torch.autograd.grad(row_lse.sum() + col_lse.sum(), (a, b, scale))
+    plain = [x.detach().requires_grad_() for x in (a, b, scale)]
+    row_lse, col_lse, _, _ = clip_stats(*plain, None, None, True, "torch")
+    for got, want in zip(grads, torch.autograd.grad(row_lse.sum() + col_lse.sum(), plain)):
+        assert torch.equal(got, want)
+    # ∂row_lse/∂s = row_dot / s
+    assert torch.allclose(grads[2], (row_dot.sum() + col_dot.sum()) / 4.0, rtol=1e-5)

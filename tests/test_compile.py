@@ -205,7 +205,7 @@ def _op_cases(backend: str):
     req = [x.clone().requires_grad_() for x in (a, b, s)]
     clip, siglip = _ops.ops("clip", backend), _ops.ops("siglip", backend)
     distill, cosine, retrieval = _ops.ops("distill", backend), _ops.ops("cosine", backend), _ops.ops("retrieval", backend)
-    row_lse, col_lse, row_pos, col_pos = clip["forward"](a, b, s, ids_a, ids_b, True)
+    row_lse, col_lse, *_ = clip["forward"](a, b, s, ids_a, ids_b, True)
     g = torch.full((6,), 0.1), torch.full((5,), 0.2)
     stats = distill["forward"](a, b, s, ta, tb, s, ids_a, ids_b, 0.2, 0.9, "kl")
     st = dict(zip(_ops.DISTILL_STATS, stats))
@@ -215,6 +215,8 @@ def _op_cases(backend: str):
     return [
         ("clip_forward", clip["forward"], (*req, ids_a, ids_b, True)),
         ("clip_forward-rows", clip["forward"], (*req, None, None, False)),
+        ("clip_forward-dots", clip["forward"], (*req, ids_a, ids_b, True, True)),
+        ("clip_forward-rows-dots", clip["forward"], (*req, None, None, False, True)),
         ("clip_backward", clip["backward"], (a, b, s, ids_a, ids_b, row_lse, col_lse, *g, *g, True, True, True)),
         ("siglip", siglip["forward"], (*req, torch.tensor(-1.0), ids_a, ids_b, False, True, True, True, True)),
         ("siglip-no-grads", siglip["forward"], (a, b, s, None, None, None, True, False, False, False, False)),

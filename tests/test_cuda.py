@@ -252,6 +252,12 @@ BAD_ARGUMENTS = [
     ("clip_forward", dict(row_pos=_f(1, 2 * N)[:, ::2]), ValueError, "row_pos must be contiguous"),
     ("clip_forward", dict(col_max=_f(1, M)), ValueError, r"col_max must have shape \(2, 7\)"),
     ("clip_forward", dict(col_sum=None), ValueError, "col_max, col_sum and col_pos must be given together"),
+    ("clip_forward", dict(col_dot=_f(2, M)), ValueError, "col_dot needs row_dot"),
+    ("clip_forward", dict(row_dot=_f(1, N)), ValueError, "col_dot must be given exactly when the columns are"),
+    ("clip_forward", dict(row_dot=_f(1, N), col_dot=_f(2, M), col_max=None, col_sum=None, col_pos=None), ValueError,
+     "col_dot must be given exactly when the columns are"),
+    ("clip_forward", dict(row_dot=_f(2, N), col_dot=_f(2, M)), ValueError, r"row_dot must have shape \(1, 70\)"),
+    ("clip_forward", dict(row_dot=_f(1, N), col_dot=_f(2, M, dtype=torch.float64)), TypeError, "col_dot must be float32"),
     ("clip_grad", dict(row_lse=None), ValueError, "g_row needs row_lse"),
     ("clip_grad", dict(g_col=_f(M + 1)), ValueError, "g_col must be a vector of 7 elements"),
     ("clip_grad", dict(g_row_pos=_f(2 * N)[::2]), ValueError, "g_row_pos must be contiguous"),
@@ -293,6 +299,9 @@ BAD_ARGUMENTS = [
     # every metadata check passes: only the device is wrong
     ("clip_forward", {}, ValueError, "a must be a CUDA tensor, got device cpu"),
     ("clip_forward", dict(col_max=None, col_sum=None, col_pos=None), ValueError, "a must be a CUDA tensor"),
+    ("clip_forward", dict(row_dot=_f(1, N), col_dot=_f(2, M)), ValueError, "a must be a CUDA tensor"),
+    ("clip_forward", dict(row_dot=_f(1, N), col_max=None, col_sum=None, col_pos=None), ValueError,
+     "a must be a CUDA tensor"),
     ("clip_grad", {}, ValueError, "a must be a CUDA tensor, got device cpu"),
     ("clip_grad", dict(g_out=None, g_row=None, row_lse=None), ValueError, "a must be a CUDA tensor"),
     ("siglip", {}, ValueError, "a must be a CUDA tensor, got device cpu"),
@@ -385,6 +394,7 @@ def _marshal_case(fn, variant, dtype):
         outs = dict(row_max=z(1, RN), row_sum=z(1, RN), row_pos=z(1, RN))
         outs.update(dict(col_max=z(2, RM), col_sum=z(2, RM), col_pos=z(2, RM)) if variant == 0
                     else dict(col_max=None, col_sum=None, col_pos=None))
+        outs.update(dict(row_dot=z(1, RN), col_dot=z(2, RM)) if variant == 0 else dict(row_dot=None, col_dot=None))
         kwargs = dict(a=a, b=b, scale=scale, **ids, **outs, **GROUPS, tf32=tf32)
         fields = dict(_score_fields(a, b, scale, tf32, pos_mode, **ids), **{k: _ptr(v) for k, v in outs.items()},
                       **GROUPS, pair_rule=0, penalty=0.0)
@@ -476,7 +486,8 @@ def _pair_rule_case(fn, rule, dtype):
     ids = dict(row_ids=torch.arange(RN) % RM, col_ids=torch.arange(RM) - 1)
     penalty = 0.1 + rule  # not exact in float32: the library must receive the float32 rounding
     if fn == "clip_forward":
-        outs = dict(row_max=z(1, RN), row_sum=z(1, RN), row_pos=z(1, RN), col_max=None, col_sum=None, col_pos=None)
+        outs = dict(row_max=z(1, RN), row_sum=z(1, RN), row_pos=z(1, RN), col_max=None, col_sum=None, col_pos=None,
+                    row_dot=None, col_dot=None)
         kwargs = dict(a=a, b=b, scale=scale, **ids, **outs, **GROUPS, tf32=False, pair_rule=rule, penalty=penalty)
         fields = dict(_score_fields(a, b, scale, False, 2, **ids), **{k: _ptr(v) for k, v in outs.items()}, **GROUPS)
     else:
@@ -512,6 +523,7 @@ PAIR_RULE_BAD_ARGUMENTS = [
     ("clip_forward", dict(pair_rule=2, col_max=_f(2, M), col_sum=_f(2, M), col_pos=_f(2, M)),
      "pair_rule=2 is rows only: col_max must be None"),
     ("clip_forward", dict(pair_rule=3, penalty=float("nan")), "penalty must be finite"),
+    ("clip_forward", dict(pair_rule=1, row_dot=_f(1, N)), "cannot be computed with a pair_rule"),
     ("clip_grad", dict(pair_rule=1, col_lse=_f(M), g_col=_f(M)), "is rows only: col_lse, g_col must be None"),
     ("clip_grad", dict(pair_rule=3, g_row_pos=_f(N)), "is rows only: g_row_pos must be None"),
 ]
@@ -600,6 +612,28 @@ def test_launchers_hand_the_kernels_their_inputs(C, library, monkeypatch, dtype)
         assert float(s["scale"]) == 7.5, s["fn"]
         if s["fn"].startswith("distill"):
             assert torch.equal(s["ta"], ta), s["fn"]
+
+
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidir", "rows"])
+def test_clip_forward_hands_the_kernel_dot_buffers_only_when_asked(C, library, monkeypatch, bidirectional):
+    """dots=True gives the kernel its own Σ exp(S − max)·S buffers, shaped like the sum-exp partials (rows
+    per column group, columns per row group, none for a rows-only sweep); without it the kernel gets
+    none (its plain variant) and everything else is the same."""
+    from pyclipfast.cuda import _launch, clip
+
+    monkeypatch.setattr(_launch, "parallel_target", lambda x: 3)
+    n, m, d = 200, 90, 12
+    a, b, scale = torch.randn(n, d), torch.randn(m, d), torch.tensor(2.0)
+    with library.record_calls() as records:
+        clip.clip_forward(a, b, scale, None, None, bidirectional)
+        clip.clip_forward(a, b, scale, None, None, bidirectional, True)
+    plain, dots = records
+    assert plain["row_dot"] == plain["col_dot"] == 0
+    assert dots["row_dot"] != 0 and (dots["col_dot"] != 0) == bidirectional
+    pointers = {dots[k] for k in ("row_max", "row_sum", "row_pos", "col_max", "col_sum", "col_pos") if dots[k]}
+    assert dots["row_dot"] not in pointers and dots["col_dot"] not in pointers
+    same = {k for k in plain if k not in ("row_dot", "col_dot") and not k.startswith(("row_", "col_"))} - {"scale"}
+    assert {k: dots[k] for k in same} == {k: plain[k] for k in same}
 
 
 # ----------------------------------------------------------------------------- kernels against the reference (GPU)

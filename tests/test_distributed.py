@@ -51,6 +51,7 @@ MODULE_CASES = {
     "clip-local-gather-with-grad-triton": ("ClipLoss", dict(local_loss=True, gather_with_grad=True), False,
                                            "triton", torch.float32),
     "siglip-bidir-triton": ("SigLipLoss", dict(dist_impl="bidir"), True, "triton", torch.float32),
+    "distill-global": ("DistillClipLoss", {}, False, "torch", torch.float64),
     "distill-global-gather-with-grad": ("DistillClipLoss", dict(gather_with_grad=True), False, "torch",
                                         torch.float64),
     "distill-local": ("DistillClipLoss", dict(local_loss=True), False, "torch", torch.float64),
@@ -68,10 +69,13 @@ COCA_WEIGHTS, VOCAB, CAPTION_LENGTH, PAD_ID = dict(caption_loss_weight=2.0, clip
 MODULE_ID_CASES = {
     "clip-local-gather-with-grad-ids": ("ClipLoss", dict(local_loss=True, gather_with_grad=True), False),
     "clip-global-ids": ("ClipLoss", {}, True),
+    "clip-global-gather-with-grad-ids": ("ClipLoss", dict(gather_with_grad=True), False),
     "clip-local-ids": ("ClipLoss", dict(local_loss=True), False),
     "siglip-bidir-ids": ("SigLipLoss", dict(dist_impl="bidir"), True),
     "distill-local-gather-with-grad-ids": ("DistillClipLoss", dict(local_loss=True, gather_with_grad=True), False),
     "distill-global-ids": ("DistillClipLoss", {}, False),
+    "distill-global-gather-with-grad-ids": ("DistillClipLoss", dict(gather_with_grad=True), False),
+    "distill-local-ids": ("DistillClipLoss", dict(local_loss=True), False),
 }
 
 # How open_clip's module relates to the single-process loss L of the global batch:
@@ -91,10 +95,13 @@ MODULE_SEMANTICS = {
 MODULE_ID_SEMANTICS = {
     "clip-local-gather-with-grad-ids": ("mean", "W", "sum"),
     "clip-global-ids": ("every", 1, "every"),
+    "clip-global-gather-with-grad-ids": ("every", "W", "every"),
     "clip-local-ids": ("mean", None, "sum"),
     "siglip-bidir-ids": ("mean", "W", "sum"),
     "distill-local-gather-with-grad-ids": ("mean", "W", "sum"),
     "distill-global-ids": ("every", 1, "every"),
+    "distill-global-gather-with-grad-ids": ("every", "W", "every"),
+    "distill-local-ids": ("mean", None, "sum"),
 }
 
 # name: (loss, with ids, backend, dtype)
@@ -445,29 +452,73 @@ def _assert_close(name: str, out: Optional[torch.Tensor], ref: Optional[torch.Te
 GRAD_NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")  # DistillClipLoss: (contrastive, distill)
 
 
-def _scale_grad_is_a_share(case: str) -> bool:
-    """ClipLoss/DistillClipLoss with local_loss + gather_with_grad run one sweep per rank: each rank's
-    scale gradient is its share, and the shares sum to the sum of open_clip's per-rank gradients."""
-    module, options = MODULE_CASES[case][:2]
-    return module != "SigLipLoss" and options.get("local_loss", False) and options.get("gather_with_grad", False)
-
-
 @pytest.mark.parametrize("case", list(MODULE_CASES))
 def test_module_matches_open_clip(run, case):
+    """Rank by rank: the loss and every gradient, the logit scale's included."""
     world, _, ranks = run
     _, _, _, backend, dtype = MODULE_CASES[case]
     if not _runs_in(backend, world):
         pytest.skip(f"Triton runs (interpreted) with {TRITON_WORLD} ranks only")
     tol = TOLERANCE[dtype]
-    shared = _scale_grad_is_a_share(case)
     for rank, result in enumerate(ranks):
         got = result[f"module/{case}"]
         for name, ours, theirs in zip(GRAD_NAMES, got["ours"], got["theirs"]):
-            if not (shared and name == "d_scale"):
-                _assert_close(f"rank {rank} {name}", ours, theirs, tol)
-    if shared:
-        _assert_close("d_scale summed over ranks", sum(r[f"module/{case}"]["ours"][3] for r in ranks),
-                      sum(r[f"module/{case}"]["theirs"][3] for r in ranks), tol)
+            _assert_close(f"rank {rank} {name}", ours, theirs, tol)
+
+
+def _open_clip_scale_grads(module: str, options: dict, batch: Dict[str, torch.Tensor], world: int) -> torch.Tensor:
+    """Each rank's ∂(its loss)/∂s as open_clip defines the loss, written out on the float64 global batch
+    (positives by ids where the batch has them): with local_loss rank r's loss is
+    ½[mean_{i∈r} row term + mean_{j∈r} column term] of the global batch, without it the global loss.
+    DistillClipLoss adds open_clip's KD term, −Σ softmax(teacher)·log softmax(student), rows and columns."""
+    image, text = batch["image"].double(), batch["text"].double()
+    n, m = image.shape[0], text.shape[0]
+    image_ids = batch.get("image_ids", torch.arange(n))
+    text_ids = batch.get("text_ids", torch.arange(m))
+    positive = (image_ids[:, None] == text_ids[None, :]).double()
+    teacher = TEACHER_SCALE * batch["teacher_image"].double() @ batch["teacher_text"].double().T
+    grads = []
+    for rank in range(world):
+        scale = batch["scale"].double().clone().requires_grad_()
+        logits = scale * image @ text.T
+        rows = logits.logsumexp(1) - (logits * positive).sum(1) / positive.sum(1)
+        cols = logits.logsumexp(0) - (logits * positive).sum(0) / positive.sum(0)
+        if module == "DistillClipLoss":
+            rows = rows - (teacher.softmax(1) * logits.log_softmax(1)).sum(1)
+            cols = cols - (teacher.softmax(0) * logits.log_softmax(0)).sum(0)
+        if options.get("local_loss", False):
+            rows, cols = rows.chunk(world)[rank], cols.chunk(world)[rank]
+        grads.append(torch.autograd.grad(0.5 * (rows.mean() + cols.mean()), scale)[0])
+    return torch.stack(grads)
+
+
+SCALE_CASES = ([("module", c) for c, v in MODULE_CASES.items() if v[0] in ("ClipLoss", "DistillClipLoss")]
+               + [("module-ids", c) for c, v in MODULE_ID_CASES.items() if v[0] in ("ClipLoss", "DistillClipLoss")])
+
+
+@pytest.mark.parametrize("kind, case", SCALE_CASES, ids=[c for _, c in SCALE_CASES])
+def test_module_scale_gradient_is_open_clips_on_every_rank(run, kind, case):
+    """Each rank's logit-scale gradient is open_clip's on that rank (with ids: open_clip's definition
+    with the ids' positives), not only in the sum over ranks: with local_loss, rank r's own
+    ∂ℓ_r/∂s; without it, ∂L/∂s on every rank."""
+    world, seed, ranks = run
+    if kind == "module":
+        module, options, _, backend, dtype = MODULE_CASES[case]
+        if not _runs_in(backend, world):
+            pytest.skip(f"Triton runs (interpreted) with {TRITON_WORLD} ranks only")
+        triton = backend == "triton"
+        batch = _global_batch(world, seed, rows=TRITON_SHARD if triton else SHARD,
+                              dim=TRITON_DIM if triton else DIM, dtype=dtype)
+    else:
+        (module, options, _), dtype = MODULE_ID_CASES[case], torch.float64
+        batch = _id_batch(world, seed)
+    expected = _open_clip_scale_grads(module, options, batch, world)
+    for rank, result in enumerate(ranks):
+        got = result[f"{kind}/{case}"]["ours"][3]
+        _assert_close(f"rank {rank} d_scale", got, expected[rank], TOLERANCE[dtype])
+    if kind == "module":  # the written-out definition is open_clip's
+        theirs = torch.stack([r[f"module/{case}"]["theirs"][3] for r in ranks])
+        _assert_close("open_clip d_scale", theirs, expected, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("case", list(MODULE_SEMANTICS))

@@ -3,6 +3,7 @@
 //     S_ij = s·⟨A_i, B_j⟩                                   (no bias: it cancels)
 //     row_lse_i = logsumexp_j S_ij,   col_lse_j = logsumexp_i S_ij
 //     row_pos_i = Σ_j pos_ij S_ij,    col_pos_j = Σ_i pos_ij S_ij
+//     row_dot_i = Σ_j P^r_ij S_ij,    col_dot_j = Σ_i P^c_ij S_ij    (Dots only; P the row / column softmax)
 //
 // The grid is (row groups × column groups), the scheme of triton/clip.py
 // `_clip_fwd_kernel`. A program sweeps its row blocks; for each it keeps the
@@ -11,11 +12,16 @@
 // [col_groups, N]. Each tile's column statistics are merged into the program's
 // row-group slot of col_max/col_sum/col_pos [row_groups, M]. The host merges the
 // slots (`merge_lse`). No atomics, deterministic, every tile computed once.
+// With Dots (row_dot != nullptr) the sweep also keeps Σ exp(S − max)·S beside each
+// sum-exp, rescaled with it (row_dot / col_dot, merged on the host with `merge_weighted`).
 //
 // kPairRule (ClipForwardParams::pair_rule set, rows only): each score passes through the pair
 // rule on the ids (PairRules in tile.cuh) and no positives are summed; the positive sums keep
-// only the NaN of a non-finite score, so a non-finite input still shows.
+// only the NaN of a non-finite score, so a non-finite input still shows. A pair rule and Dots
+// are never asked for together.
 #pragma once
+
+#include <type_traits>
 
 #include "tile.cuh"
 
@@ -29,14 +35,19 @@ constexpr int kColsPerLane = BN / 32;
 constexpr int kColSlices = kThreads / BN;  // column pass: kColSlices threads per column
 constexpr int kRowsPerSlice = BM / kColSlices;
 
-// (max, sum-exp, positive sum) of the rows a warp owns, the same in all its lanes.
+// (max, sum-exp, positive sum[, Σ exp(S − max)·S]) of the rows a warp owns, the same in all its lanes.
 struct RowStats {
-  float max[kRowsPerWarp], sum[kRowsPerWarp], pos[kRowsPerWarp];
+  float max[kRowsPerWarp], sum[kRowsPerWarp], pos[kRowsPerWarp], dot[kRowsPerWarp];
 };
 
 // One tile's column statistics per slice of rows, before they are merged.
 struct ColScratch {
   float max[kColSlices][BN], sum[kColSlices][BN], pos[kColSlices][BN];
+};
+
+// With Dots, the tile's Σ exp(S − max)·S per slice of rows too.
+struct ColDotScratch : ColScratch {
+  float dot[kColSlices][BN];
 };
 
 // (max, sum) ← the log-sum-exp merge of (max, sum) and (other_max, other_sum).
@@ -48,7 +59,7 @@ __device__ __forceinline__ void merge_lse(float& max, float& sum, float other_ma
 }
 
 // Fold the tile sm.s into the running statistics of the warp's rows.
-template <bool kPairRule, typename T>
+template <bool kPairRule, bool Dots, typename T>
 __device__ __forceinline__ void row_pass(const TileSmem<T>& sm, RowStats& st, const Positives& pos, float scale,
                                          int64_t row0, int64_t n_rows, int64_t col0, int64_t n_cols,
                                          const PairRules& rules) {
@@ -84,17 +95,30 @@ __device__ __forceinline__ void row_pass(const TileSmem<T>& sm, RowStats& st, co
     const float new_max = fmaxf(st.max[t], warp_max(tile_max));
     const float shift = finite_or_zero(new_max);  // rows past the end stay −inf; keep them NaN-free
     float e = 0.0f;
+    if constexpr (Dots) {
+      float dot = 0.0f;  // Σ e·S with the unmasked scores (0 out of range, where e = 0 too)
 #pragma unroll
-    for (int q = 0; q < kColsPerLane; ++q) e += expf(v[q] - shift);
-    st.sum[t] = st.sum[t] * expf(st.max[t] - shift) + warp_sum(e);
+      for (int q = 0; q < kColsPerLane; ++q) {
+        const float eq = expf(v[q] - shift);
+        e += eq;
+        dot += eq * (row_ok && col_ok[q] ? v[q] : 0.0f);
+      }
+      const float rescale = expf(st.max[t] - shift);
+      st.sum[t] = st.sum[t] * rescale + warp_sum(e);
+      st.dot[t] = st.dot[t] * rescale + warp_sum(dot);
+    } else {
+#pragma unroll
+      for (int q = 0; q < kColsPerLane; ++q) e += expf(v[q] - shift);
+      st.sum[t] = st.sum[t] * expf(st.max[t] - shift) + warp_sum(e);
+    }
     st.max[t] = new_max;
     st.pos[t] += warp_sum(pos_sum);
   }
 }
 
 // Merge the tile's column statistics into this program's row-group slot (col_part).
-template <typename T>
-__device__ __forceinline__ void col_pass(const TileSmem<T>& sm, ColScratch& scratch, const ClipForwardParams& p,
+template <bool Dots, typename T, typename Scratch>
+__device__ __forceinline__ void col_pass(const TileSmem<T>& sm, Scratch& scratch, const ClipForwardParams& p,
                                          const Positives& pos, float scale, int64_t row0, int64_t col0,
                                          int64_t col_part) {
   const int c = threadIdx.x % BN, slice = threadIdx.x / BN;
@@ -106,24 +130,47 @@ __device__ __forceinline__ void col_pass(const TileSmem<T>& sm, ColScratch& scra
   float cmax = kNegInf;
   for (int r = r_lo; r < r_hi; ++r) cmax = fmaxf(cmax, sm.s[r][c] * scale);
   const float shift = finite_or_zero(cmax);
-  float csum = 0.0f, cpos = 0.0f;
+  float csum = 0.0f, cpos = 0.0f, cdot = 0.0f;
   for (int r = r_lo; r < r_hi; ++r) {
     const float v = sm.s[r][c] * scale;
-    csum += expf(v - shift);
+    if constexpr (Dots) {
+      const float e = expf(v - shift);
+      csum += e;
+      cdot += e * v;
+    } else {
+      csum += expf(v - shift);
+    }
     if (pos.match(pos.row_key(row0 + r), col_key)) cpos += v;
     else if (!isfinite(v)) cpos = NAN;  // a −∞ score leaves no trace in the sum-exp
   }
   scratch.max[slice][c] = cmax;
   scratch.sum[slice][c] = csum;
   scratch.pos[slice][c] = cpos;
+  if constexpr (Dots) scratch.dot[slice][c] = cdot;
   __syncthreads();
   if (slice == 0 && col_ok) {
     const int64_t at = col_part + j;
     float m = p.col_max[at], s = p.col_sum[at], ps = p.col_pos[at];
+    if constexpr (Dots) {
+      // (max, sum, dot) merged like the log-sum-exp: both sums rescale by exp(old max − new max).
+      float d = p.col_dot[at];
 #pragma unroll
-    for (int q = 0; q < kColSlices; ++q) {
-      merge_lse(m, s, scratch.max[q][c], scratch.sum[q][c]);
-      ps += scratch.pos[q][c];
+      for (int q = 0; q < kColSlices; ++q) {
+        const float new_max = fmaxf(m, scratch.max[q][c]);
+        const float shift = finite_or_zero(new_max);
+        const float mine = expf(m - shift), theirs = expf(scratch.max[q][c] - shift);
+        s = s * mine + scratch.sum[q][c] * theirs;
+        d = d * mine + scratch.dot[q][c] * theirs;
+        m = new_max;
+        ps += scratch.pos[q][c];
+      }
+      p.col_dot[at] = d;
+    } else {
+#pragma unroll
+      for (int q = 0; q < kColSlices; ++q) {
+        merge_lse(m, s, scratch.max[q][c], scratch.sum[q][c]);
+        ps += scratch.pos[q][c];
+      }
     }
     p.col_max[at] = m;
     p.col_sum[at] = s;
@@ -134,6 +181,7 @@ __device__ __forceinline__ void col_pass(const TileSmem<T>& sm, ColScratch& scra
   __syncthreads();
 }
 
+template <bool Dots>
 __device__ __forceinline__ void store_rows(const RowStats& st, const ClipForwardParams& p, int64_t row0,
                                            int64_t row_part) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -145,14 +193,15 @@ __device__ __forceinline__ void store_rows(const RowStats& st, const ClipForward
       p.row_max[row_part + i] = st.max[t];
       p.row_sum[row_part + i] = st.sum[t];
       p.row_pos[row_part + i] = st.pos[t];
+      if constexpr (Dots) p.row_dot[row_part + i] = st.dot[t];
     }
   }
 }
 
-template <typename T, Mma M, bool kPairRule>
+template <typename T, Mma M, bool kPairRule, bool Dots>
 __global__ void __launch_bounds__(kThreads) clip_fwd_kernel(const ClipForwardParams p) {
   __shared__ TileSmem<T> sm;
-  __shared__ ColScratch scratch;
+  __shared__ std::conditional_t<Dots, ColDotScratch, ColScratch> scratch;
   const ScoreParams& s = p.s;
   const Operand<T> a = make_operand<T>(s.a, s.stride_am, s.stride_ak);
   const Operand<T> b = make_operand<T>(s.b, s.stride_bn, s.stride_bk);
@@ -174,14 +223,15 @@ __global__ void __launch_bounds__(kThreads) clip_fwd_kernel(const ClipForwardPar
       st.max[t] = kNegInf;
       st.sum[t] = 0.0f;
       st.pos[t] = 0.0f;
+      st.dot[t] = 0.0f;
     }
     for (int64_t cb = cb_lo; cb < cb_hi; ++cb) {
       const int64_t col0 = cb * BN;
       score_tile<T, M>(sm, sm.s, a, b, row0, s.n_rows, col0, s.n_cols, s.dim);
-      row_pass<kPairRule>(sm, st, pos, scale, row0, s.n_rows, col0, s.n_cols, rules);
-      if (bidirectional) col_pass(sm, scratch, p, pos, scale, row0, col0, col_part);
+      row_pass<kPairRule, Dots>(sm, st, pos, scale, row0, s.n_rows, col0, s.n_cols, rules);
+      if (bidirectional) col_pass<Dots>(sm, scratch, p, pos, scale, row0, col0, col_part);
     }
-    store_rows(st, p, row0, row_part);
+    store_rows<Dots>(st, p, row0, row_part);
   }
 }
 
@@ -189,8 +239,10 @@ template <typename T, Mma M>
 struct Launch {
   static cudaError_t run(const ClipForwardParams& p, cudaStream_t stream) {
     const dim3 grid(p.row_groups, p.col_groups);
-    if (p.pair_rule != PairRule::kNone) clip_fwd_kernel<T, M, true><<<grid, kThreads, 0, stream>>>(p);
-    else clip_fwd_kernel<T, M, false><<<grid, kThreads, 0, stream>>>(p);
+    if (p.pair_rule != PairRule::kNone && p.row_dot != nullptr) return cudaErrorInvalidValue;
+    if (p.pair_rule != PairRule::kNone) clip_fwd_kernel<T, M, true, false><<<grid, kThreads, 0, stream>>>(p);
+    else if (p.row_dot != nullptr) clip_fwd_kernel<T, M, false, true><<<grid, kThreads, 0, stream>>>(p);
+    else clip_fwd_kernel<T, M, false, false><<<grid, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   }
 };

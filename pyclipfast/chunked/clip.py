@@ -4,6 +4,11 @@ Forward (one sweep over the tiles of S = s·A·Bᵀ, no bias: it cancels):
 
     row_lse_i = logsumexp_j S_ij          col_lse_j = logsumexp_i S_ij
     row_pos_i = Σ_j pos_ij S_ij           col_pos_j = Σ_i pos_ij S_ij
+    row_dot_i = Σ_j P^r_ij S_ij           col_dot_j = Σ_i P^c_ij S_ij     (only when asked: dots=True)
+
+with the softmaxes P^r_ij = exp(S_ij − row_lse_i), P^c_ij = exp(S_ij − col_lse_j): the
+softmax-weighted mean logits, kept like the sum-exp (Σ exp(S − max)·S, rescaled when the max
+moves), so ∂row_lse_i/∂s = row_dot_i / s and ∂col_lse_j/∂s = col_dot_j / s.
 
 Backward (recompute each tile), for upstream gradients g of those four vectors:
 
@@ -28,7 +33,10 @@ from ._tiles import TileScores, add_positive_grad, nonfinite_poison, positive_ti
 
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                  row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool,
-                 rule: int = 0, penalty: float = 0.0):
+                 dots: bool = False, rule: int = 0, penalty: float = 0.0):
+    """(row_lse, col_lse, row_pos, col_pos, row_dot, col_dot): the columns None when
+    one-directional, the dots None unless asked for. With a pair rule (rows only, no dots):
+    (row_lse, None, row_pos, None)."""
     if rule:
         return _pair_rule_forward(a, b, scale, row_ids, col_ids, rule, penalty)
     n, m = a.shape[0], b.shape[0]
@@ -41,10 +49,14 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     if bidirectional:
         col_max, col_sum = torch.full((m,), float("-inf"), **opts), torch.zeros(m, **opts)
         col_pos = torch.zeros(m, **opts).add_(poison)
+    if dots:
+        row_dot = torch.empty(n, **opts)
+        col_dot = torch.zeros(m, **opts) if bidirectional else None
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_scaled = ts.scaled(ts.rows(i0, i1))
         run_max = torch.full((i1 - i0,), float("-inf"), **opts)
         run_sum = torch.zeros(i1 - i0, **opts)
+        run_dot = torch.zeros(i1 - i0, **opts) if dots else None
         for j0, j1 in spans(m, _tiles.TILE_COLS):
             s = ts.scores(a_scaled, ts.cols(j0, j1))
             kind, pos = positive_tile(row_ids, col_ids, i0, i1, j0, j1)
@@ -61,16 +73,34 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                     col_pos[j0:j1] += masked.sum(0)
             new_max = torch.maximum(run_max, s.amax(1))
             e = torch.sub(s, new_max[:, None], out=ts.scratch(s)).exp_()
-            run_sum = run_sum.mul_((run_max - new_max).exp_()).add_(e.sum(1))
+            if dots:
+                rescale = (run_max - new_max).exp_()
+                run_sum = run_sum.mul_(rescale).add_(e.sum(1))
+                run_dot = run_dot.mul_(rescale).add_(e.mul_(s).sum(1))
+            else:
+                run_sum = run_sum.mul_((run_max - new_max).exp_()).add_(e.sum(1))
             run_max = new_max
-            if bidirectional:
+            if bidirectional and dots:
+                cmax = torch.maximum(col_max[j0:j1], s.amax(0))
+                rescale = (col_max[j0:j1] - cmax).exp()
+                e = torch.sub(s, cmax, out=ts.scratch(s)).exp_()
+                col_sum[j0:j1] = col_sum[j0:j1] * rescale + e.sum(0)
+                col_dot[j0:j1] = col_dot[j0:j1] * rescale + e.mul_(s).sum(0)
+                col_max[j0:j1] = cmax
+            elif bidirectional:
                 cmax = torch.maximum(col_max[j0:j1], s.amax(0))
                 col_sum[j0:j1] = col_sum[j0:j1] * (col_max[j0:j1] - cmax).exp() + s.sub_(cmax).exp_().sum(0)
                 col_max[j0:j1] = cmax
+        if dots:
+            row_dot[i0:i1] = run_dot / run_sum
         row_lse[i0:i1] = run_sum.log_().add_(run_max)
+    if not dots:
+        row_dot = col_dot = None
+    elif bidirectional:
+        col_dot.div_(col_sum)
     if not bidirectional:
-        return row_lse, None, row_pos, None
-    return row_lse, col_sum.log_().add_(col_max), row_pos, col_pos
+        return row_lse, None, row_pos, None, row_dot, None
+    return row_lse, col_sum.log_().add_(col_max), row_pos, col_pos, row_dot, col_dot
 
 
 def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,

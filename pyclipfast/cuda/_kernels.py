@@ -198,9 +198,11 @@ def _run(fn: str, first: Tuple[str, Tensor], tensors: Dict[str, OptTensor], fiel
 def clip_forward(a: Tensor, b: Tensor, scale: Tensor, row_ids: OptTensor, col_ids: OptTensor, row_max: Tensor,
                  row_sum: Tensor, row_pos: Tensor, col_max: OptTensor, col_sum: OptTensor, col_pos: OptTensor,
                  row_groups: int, col_groups: int, row_blocks_per_group: int, col_blocks_per_group: int,
-                 tf32: bool, pair_rule: int = 0, penalty: float = 0.0) -> None:
+                 tf32: bool, pair_rule: int = 0, penalty: float = 0.0, row_dot: OptTensor = None,
+                 col_dot: OptTensor = None) -> None:
     """InfoNCE forward sweep: per-group (max, sum-exp, positive sum) of rows and columns of S = s·A·Bᵀ;
-    with a pair rule rows only, row_pos then only carries NaN for a non-finite score."""
+    with a pair rule rows only, row_pos then only carries NaN for a non-finite score; with row_dot
+    (and col_dot when bidirectional) also the per-group Σ exp(S − max)·S (never with a pair rule)."""
     dtype = _check_features(a, b)
     n, m = a.shape[0], b.shape[0]
     _check_f32(_tensor(scale, "scale"), "scale", 1)
@@ -214,8 +216,16 @@ def clip_forward(a: Tensor, b: Tensor, scale: Tensor, row_ids: OptTensor, col_id
         raise ValueError("col_max, col_sum and col_pos must be given together (or none, for rows only)")
     for t, name in ((col_max, "col_max"), (col_sum, "col_sum"), (col_pos, "col_pos")):
         _check_f32(t, name, row_groups, m)
+    if pair_rule and row_dot is not None:
+        raise ValueError("row_dot/col_dot cannot be computed with a pair_rule (the dots are for the plain sweep)")
+    if col_dot is not None and row_dot is None:
+        raise ValueError("col_dot needs row_dot (the dots are computed for rows and columns together)")
+    if row_dot is not None and (col_dot is None) != (col_max is None):
+        raise ValueError("col_dot must be given exactly when the columns are (col_max, col_sum, col_pos)")
+    _check_f32(row_dot, "row_dot", col_groups, n)
+    _check_f32(col_dot, "col_dot", row_groups, m)
     outputs = dict(row_max=row_max, row_sum=row_sum, row_pos=row_pos, col_max=col_max, col_sum=col_sum,
-                   col_pos=col_pos)
+                   col_pos=col_pos, row_dot=row_dot, col_dot=col_dot)
     _run("clip_forward", ("a", a), dict(b=b, scale=scale, row_ids=row_ids, col_ids=col_ids, **outputs),
          dict(_score(a, b, scale, dtype, tf32, pos_mode, row_ids, col_ids),
               **{k: _ptr(v) for k, v in outputs.items()},

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Dict, Iterator, List, Union
 
 LIBRARY = "libpyclipfast_cuda.so"
-ABI_VERSION = 2  # PCF_ABI_VERSION in csrc/pyclipfast_c.h
+ABI_VERSION = 3  # PCF_ABI_VERSION in csrc/pyclipfast_c.h
 BUILD_HINT = ("build it with `python csrc/build.py` in a source checkout (nvcc and ninja needed), or install "
               "pyclipfast with PYCLIPFAST_BUILD_CUDA=1 where a CUDA toolkit is present")
 
@@ -39,7 +39,7 @@ _PAIR_RULE = [("pair_rule", c_int), ("penalty", c_float)]
 SIGNATURES = {
     "clip_forward": _LAUNCH + _SCORE + [(k, c_void_p) for k in ("row_max", "row_sum", "row_pos", "col_max",
                                                                 "col_sum", "col_pos")] + _GROUPS
-    + _PAIR_RULE,
+    + _PAIR_RULE + [("row_dot", c_void_p), ("col_dot", c_void_p)],
     "clip_grad": _LAUNCH + _SCORE + [(k, c_void_p) for k in ("row_lse", "col_lse", "g_row", "g_col", "g_row_pos",
                                                              "g_col_pos", "inv_norm")]
     + _G_OUT + [("dscale_part", c_void_p)] + _BLOCK + _PAIR_RULE,

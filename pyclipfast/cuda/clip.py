@@ -4,9 +4,11 @@ Forward, one sweep over the tiles of S = s·A·Bᵀ (no bias: it cancels):
 
     row_lse_i = logsumexp_j S_ij,   col_lse_j = logsumexp_i S_ij
     row_pos_i = Σ_j pos_ij S_ij,    col_pos_j = Σ_i pos_ij S_ij
+    row_dot_i = Σ_j P^r_ij S_ij,    col_dot_j = Σ_i P^c_ij S_ij    (dots only; P the row / column softmax)
 
 on a (row groups × column groups) grid of programs writing per-group
-(max, sum-exp, positive sum) partials, merged here with `merge_lse`.
+(max, sum-exp, positive sum[, Σ exp(S − max)·S]) partials, merged here with `merge_lse`
+(and `merge_weighted`).
 
 Backward, for upstream gradients of those four vectors:
 
@@ -31,13 +33,14 @@ from .._blocks import blocked_grads, gradient_norm, lse_partials, merge_lse_allo
 
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                  row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool,
-                 rule: int = 0, penalty: float = 0.0):
+                 dots: bool = False, rule: int = 0, penalty: float = 0.0):
     n, m = a.shape[0], b.shape[0]
     row_groups, col_groups, rb_per, cb_per = forward_grid(n, m, a)
-    parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device)
+    parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device, dots)
     _kernels.clip_forward(a, b, scalar_f32(scale), ids_i64(row_ids), ids_i64(col_ids),
                     *(parts[k] for k in ("row_max", "row_sum", "row_pos", "col_max", "col_sum", "col_pos")),
-                    row_groups, col_groups, rb_per, cb_per, use_tf32(a), pair_rule=rule, penalty=penalty)
+                    row_groups, col_groups, rb_per, cb_per, use_tf32(a), pair_rule=rule, penalty=penalty,
+                    row_dot=parts["row_dot"], col_dot=parts["col_dot"])
     if rule:  # rows only; row_pos holds 0, or NaN for a non-finite kept score
         return merge_lse_allowing_empty(parts["row_max"], parts["row_sum"]), None, parts["row_pos"].sum(0), None
     return merge_lse_partials(parts)

@@ -4,9 +4,10 @@ Forward, one sweep over the tiles of S = s·A·Bᵀ (no bias: it cancels):
 
     row_lse_i = logsumexp_j S_ij,   col_lse_j = logsumexp_i S_ij
     row_pos_i = Σ_j pos_ij S_ij,    col_pos_j = Σ_i pos_ij S_ij
+    row_dot_i = Σ_j P^r_ij S_ij,    col_dot_j = Σ_i P^c_ij S_ij    (DOTS only; P the row / column softmax)
 
 The grid is (row groups × column groups). A program keeps the online
-(max, sum-exp) of its rows in registers while it sweeps its column blocks, and
+(max, sum-exp[, Σ exp(S − max)·S]) of its rows in registers while it sweeps its column blocks, and
 merges each tile's column statistics into its own row-group slot of a column
 partial buffer; the partials of the groups are merged on the host. No atomics,
 deterministic, O((N + M)·groups) extra memory, every tile computed once.
@@ -53,6 +54,8 @@ def _clip_fwd_kernel(
     row_blocks_per_group, col_blocks_per_group,
     POS_MODE: tl.constexpr, BIDIRECTIONAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    row_dot_ptr, col_dot_ptr,  # [col_groups, n_rows], [row_groups, n_cols]: Σ exp(S − max)·S, DOTS only
+    DOTS: tl.constexpr,
     penalty, PAIR_RULE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -69,6 +72,7 @@ def _clip_fwd_kernel(
         row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         row_sum = tl.zeros((BLOCK_M,), tl.float32)
         row_pos = tl.zeros((BLOCK_M,), tl.float32)
+        row_dot = tl.zeros((BLOCK_M,), tl.float32)
         for cb in range(cb_lo, cb_hi):
             offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
             acc = score_tile(a_ptr, b_ptr, offs_m, offs_n, n_rows, n_cols, dim,
@@ -84,7 +88,14 @@ def _clip_fwd_kernel(
             row_pos += tl.sum(s_pos, 1)
             new_max = tl.maximum(row_max, tl.max(s, 1))
             shift = finite_or_zero(new_max)  # rows past the end stay -inf; keep them NaN-free
-            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
+            if DOTS:
+                # Σ e·S with the unmasked scores (0 out of range, where e = 0 too).
+                rescale = tl.exp(row_max - shift)
+                e = tl.exp(s - shift[:, None])
+                row_sum = row_sum * rescale + tl.sum(e, 1)
+                row_dot = row_dot * rescale + tl.sum(e * (acc * scale), 1)
+            else:
+                row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(s - shift[:, None]), 1)
             row_max = new_max
             if BIDIRECTIONAL:
                 col_ok = offs_n < n_cols
@@ -93,7 +104,15 @@ def _clip_fwd_kernel(
                 old_pos = tl.load(col_pos_ptr + col_part + offs_n, mask=col_ok, other=0.0)
                 cmax = tl.maximum(old_max, tl.max(s, 0))
                 shift = finite_or_zero(cmax)
-                csum = old_sum * tl.exp(old_max - shift) + tl.sum(tl.exp(s - shift[None, :]), 0)
+                if DOTS:
+                    old_dot = tl.load(col_dot_ptr + col_part + offs_n, mask=col_ok, other=0.0)
+                    rescale = tl.exp(old_max - shift)
+                    e = tl.exp(s - shift[None, :])
+                    csum = old_sum * rescale + tl.sum(e, 0)
+                    tl.store(col_dot_ptr + col_part + offs_n, old_dot * rescale + tl.sum(e * (acc * scale), 0),
+                             mask=col_ok)
+                else:
+                    csum = old_sum * tl.exp(old_max - shift) + tl.sum(tl.exp(s - shift[None, :]), 0)
                 tl.store(col_max_ptr + col_part + offs_n, cmax, mask=col_ok)
                 tl.store(col_sum_ptr + col_part + offs_n, csum, mask=col_ok)
                 tl.store(col_pos_ptr + col_part + offs_n, old_pos + tl.sum(s_pos, 0), mask=col_ok)
@@ -104,6 +123,8 @@ def _clip_fwd_kernel(
         tl.store(row_max_ptr + row_part + offs_m, row_max, mask=row_ok)
         tl.store(row_sum_ptr + row_part + offs_m, row_sum, mask=row_ok)
         tl.store(row_pos_ptr + row_part + offs_m, row_pos, mask=row_ok)
+        if DOTS:
+            tl.store(row_dot_ptr + row_part + offs_m, row_dot, mask=row_ok)
 
 
 @triton.jit
@@ -180,12 +201,12 @@ def _pos_mode(row_ids: Optional[torch.Tensor], rule: int = 0) -> int:
 @on_input_device
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                  row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool,
-                 rule: int = 0, penalty: float = 0.0):
+                 dots: bool = False, rule: int = 0, penalty: float = 0.0):
     n, dim = a.shape
     m = b.shape[0]
     cfg = tile_config(a)
     row_groups, col_groups, rb_per, cb_per = split_groups(triton.cdiv(n, cfg.block_m), triton.cdiv(m, cfg.block_n), a)
-    parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device)
+    parts = lse_partials(n, m, row_groups, col_groups, bidirectional, a.device, dots)
     dummy = torch.empty(1, dtype=torch.float32, device=a.device)
     wrap_triton(_clip_fwd_kernel)[(row_groups, col_groups)](
         a, b, scale.detach().float().reshape(1), ids_or_dummy(row_ids, a), ids_or_dummy(col_ids, a),
@@ -194,6 +215,8 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
         n, m, dim, a.stride(0), a.stride(1), b.stride(0), b.stride(1), rb_per, cb_per,
         POS_MODE=_pos_mode(row_ids, rule), BIDIRECTIONAL=bidirectional,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=dot_precision(a),
+        row_dot_ptr=dummy if parts["row_dot"] is None else parts["row_dot"],
+        col_dot_ptr=dummy if parts["col_dot"] is None else parts["col_dot"], DOTS=dots,
         penalty=float(penalty), PAIR_RULE=rule,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
