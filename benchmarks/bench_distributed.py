@@ -319,8 +319,9 @@ def cost_model(world: int, n_global: int, dim: int = COST_DIM, b: int = COST_BYT
             memory=2 * features + 2 * n * n_global * (b + 4 + 4)),
         "pyclipfast.distributed.siglip_loss": dict(
             flops=6 * n * n_global * dim, sent=2 * share * features, memory=fused_memory),
-        "pyclipfast.SigLipLoss (ring, any dist_impl)": dict(   # every block keeps its dA, dB for the backward
-            flops=6 * n * n_global * dim, sent=2 * share * features, memory=3 * features),
+        # every block keeps its texts' gradient; one sum of the image gradients; two text blocks in flight
+        "pyclipfast.SigLipLoss (ring, any dist_impl)": dict(
+            flops=6 * n * n_global * dim, sent=2 * share * features, memory=features + 3 * n * dim * b),
         "open_clip SigLipLoss (ring)": dict(
             flops=6 * n * n_global * dim, sent=2 * share * features, memory=features + n * n_global * (b + 4 + 4)),
     }

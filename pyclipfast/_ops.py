@@ -302,8 +302,11 @@ def _register_siglip(backend: str) -> Dict[str, Callable]:
         scale, bias = inputs[2], inputs[3]
         ctx.save_for_backward(scale, bias, *output[1:])
         ctx.need = inputs[7:11]
+        ctx.set_materialize_grads(False)  # the gradient outputs get none: no zero tensors of their shapes
 
     def grads(ctx, g, *unused):
+        if g is None:
+            return (None,) * 11
         scale, bias, da, db, dscale, dbias = ctx.saved_tensors
         need_a, need_b, need_scale, need_bias = (computed and wanted for computed, wanted in
                                                  zip(ctx.need, ctx.needs_input_grad[:4]))

@@ -76,6 +76,7 @@ from . import clip as _clip
 from . import reference
 from . import siglip as _siglip
 from ._dispatch import resolve
+from ._ops import _first_order
 from .distill import GRADIENT_STATS, TEACHER_STATS, DistillOptions, distill_stats
 from ._validation import (
     ScaleLike, as_scale, check_features, check_has_positive, check_ids, data_checks_on, positive_counts,
@@ -639,13 +640,14 @@ def _texts_bidir(text: torch.Tensor, rank: int, world: int, group) -> Iterator[T
     to_left = to_right = text
     steps, remainder = divmod(world - 1, 2)
     for step in range(1, steps + 1):
-        from_right, from_left = _NeighbourExchange.apply((left, right), (right, left), group, to_left, to_right)
-        yield (rank + step) % world, from_right
-        yield (rank - step) % world, from_left
-        to_left, to_right = from_right, from_left
+        # what came from the right travels on to the left, and the other way round
+        to_left, to_right = _NeighbourExchange.apply((left, right), (right, left), group, to_left, to_right)
+        yield (rank + step) % world, to_left
+        yield (rank - step) % world, to_right
     if remainder:
-        (from_left,) = _NeighbourExchange.apply((right,), (left,), group, to_right)
-        yield (rank - steps - 1) % world, from_left
+        to_left = None  # the last step only sends right: let its texts go
+        (to_right,) = _NeighbourExchange.apply((right,), (left,), group, to_right)
+        yield (rank - steps - 1) % world, to_right
 
 
 def _texts_shift(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
@@ -686,21 +688,83 @@ def siglip_module_loss(module, image_features: torch.Tensor, text_features: torc
     other rank's texts, each normalised by the local n; the texts travel as `dist_impl` says. With
     ids, other ranks' texts can hold positives: the texts and their ids are all-gathered and this
     rank's rows are scored against all of them in one call (the same normalisation).
+
+    Each block (these images × one rank's texts) is one fused sweep that also forms its gradients.
+    Every block shares the images, so their gradients are summed into one n×D buffer as the blocks
+    come; a block keeps only its texts' gradient, which the backward sends back to the texts' owner
+    the way the texts came. Per rank that is O(n·D) per block of texts: what open_clip keeps of
+    them (the texts themselves), without its n×n logits.
     """
     image_ids, text_ids = _module_inputs(module, image_features, text_features, image_ids, text_ids)
     if image_ids is not None:
         all_text = all_gather_with_grad(text_features, module.group)
         return module._loss(image_features, all_text, logit_scale, logit_bias, image_ids=image_ids,
                             text_ids=_gather(text_ids, module.group))
-    loss = module._loss(image_features, text_features, logit_scale, logit_bias)
+    rows = _SigLipRows(image_features, logit_scale, logit_bias, module.backend)
+    loss = rows.block(text_features, negative_only=False)
     for source, texts in _OTHER_TEXTS[module.dist_impl](text_features, module.rank, module.world_size, module.group):
         if source == module.rank:
             # 'reduce' hands back our own texts: every rank must run every all-reduce's backward,
             # so it stays in the graph with weight 0 (open_clip multiplies a whole loss by 0).
             loss = loss + 0.0 * texts.sum()
         else:
-            loss = loss + module._loss(image_features, texts, logit_scale, logit_bias, negative_only=True)
-    return loss
+            loss = loss + rows.block(texts, negative_only=True)
+    return rows.attach(loss)
+
+
+class _SigLipRows:
+    """The blocks of one rank's image rows against texts that arrive one block at a time.
+
+    `block` runs one fused sweep and returns its loss, tied to the texts with their gradient
+    (for a unit upstream gradient); the images', scale's and bias's gradients of all blocks are
+    summed here, and `attach` ties them to the total loss.
+    """
+
+    def __init__(self, image_features: torch.Tensor, logit_scale, logit_bias, backend: str):
+        self.image = image_features
+        self.backend = resolve("siglip", backend, image_features)
+        self.scale = as_scale("logit_scale", logit_scale, image_features)
+        self.bias = None if logit_bias is None else as_scale("logit_bias", logit_bias, image_features,
+                                                             positive=False)
+        self.sums = [None, None, None]   # dA, ds, db over the blocks so far
+
+    def _needs(self, x: Optional[torch.Tensor]) -> bool:
+        return torch.is_grad_enabled() and x is not None and x.requires_grad
+
+    def block(self, texts: torch.Tensor, negative_only: bool) -> torch.Tensor:
+        need = [self._needs(x) for x in (self.image, texts, self.scale, self.bias)]
+        loss, da, db, ds, dbias = _siglip.siglip_sweep(self.image, texts, self.scale, self.bias,
+                                                       negative_only=negative_only, need=need, backend=self.backend)
+        for k, part in enumerate((da, ds, dbias)):
+            if part is not None:
+                self.sums[k] = part if self.sums[k] is None else self.sums[k].add_(part)
+        return _WithGradients.apply(loss, texts, db) if need[1] else loss
+
+    def attach(self, loss: torch.Tensor) -> torch.Tensor:
+        pairs = [t for x, dx in zip((self.image, self.scale, self.bias), self.sums) if dx is not None for t in (x, dx)]
+        return _WithGradients.apply(loss, *pairs) if pairs else loss
+
+
+class _WithGradients(torch.autograd.Function):
+    """The loss unchanged; its backward gives each x_k the gradient g·dx_k, formed in the forward.
+
+    apply(loss, x_1, dx_1, x_2, dx_2, …). Only the dx_k are kept for the backward, not the x_k
+    (received texts are freed once their block is done).
+    """
+
+    @staticmethod
+    def forward(ctx, loss, *pairs):
+        ctx.like = [(x.dtype, x.shape) for x in pairs[::2]]
+        ctx.save_for_backward(*pairs[1::2])
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        grads = []
+        with torch.no_grad():
+            for (dtype, shape), dx in zip(ctx.like, ctx.saved_tensors):
+                grads += [(dx * g.to(dx.dtype)).to(dtype).reshape(shape), None]
+        return (g, *_first_order(grads, (*ctx.saved_tensors, g)))
 
 
 def distill_module_loss(module, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,

@@ -12,7 +12,7 @@ or for inputs that do not require grad.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -71,3 +71,26 @@ def siglip_loss(
             for x in (image_features, text_features, scale, bias)]
     return run(ops("siglip", name), image_features, text_features, scale, bias, image_ids,
                distinct(image_ids, text_ids), negative_only, *need)[0]
+
+
+def siglip_sweep(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+                 bias: Optional[torch.Tensor], *, negative_only: bool, need: Sequence[bool], backend: str) -> list:
+    """[loss, dA, dB, dscale, dbias] of `siglip_loss` (default ids) for a unit upstream gradient, outside autograd.
+
+    One call of the fused operator; `need` says which of the four gradients to form (the others
+    are None). For backend="reference" the materialised loss is differentiated. The caller checks
+    the inputs (scale and bias are the 0-dim tensors of `as_scale`) and attaches the gradients.
+    """
+    inputs = (image_features, text_features, scale, bias)
+    need = [wanted and x is not None for wanted, x in zip(need, inputs)]
+    if backend != "reference":
+        with torch.no_grad():
+            out = ops("siglip", backend)["forward"](*(x if x is None else x.detach() for x in inputs), None, None,
+                                                    negative_only, *need)
+        return [out[0]] + [grad if wanted else None for grad, wanted in zip(out[1:], need)]
+    with torch.enable_grad():
+        leaves = [None if x is None else x.detach().requires_grad_(wanted) for x, wanted in zip(inputs, need)]
+        loss = reference.siglip_loss(*leaves, negative_only=negative_only)
+        wanted = [x for x, w in zip(leaves, need) if w]
+        grads = iter(torch.autograd.grad(loss, wanted) if wanted else ())
+    return [loss.detach()] + [next(grads) if w else None for w in need]

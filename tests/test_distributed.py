@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import tempfile
 import time
@@ -36,6 +37,7 @@ TRITON_SHARD, TRITON_DIM = 10, 16            # Triton runs interpreted on the CP
 TRITON_WORLD = 2                             # and in one of the spawns
 SCALE, BIAS, TEACHER_SCALE, TEACHER_DIM = 14.3, -5.0, 20.0, 12
 MEMORY_WORLDS, MEMORY_SHARD, MEMORY_DIM = (2, 4, 8), 24, 8   # one spawn of 8 ranks, groups of 2, 4 and 8
+SIGLIP_MEMORY_WORLDS, SIGLIP_MEMORY_SHARD, SIGLIP_MEMORY_DIM = (2, 4), 192, 32   # one spawn of 4 ranks
 
 # name: (module, options, with bias, backend, dtype)
 MODULE_CASES = {
@@ -343,11 +345,51 @@ def _memory_case(rank: int) -> dict:
     return peaks
 
 
+def allocated_peak(fn) -> int:
+    """Peak bytes held at once by every tensor the CPU allocator hands out while fn() runs (the
+    profiler's allocation events): the inner temporaries of fused ops and the tensors autograd
+    keeps for the backward included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    path = os.path.join(tempfile.mkdtemp(prefix="trace"), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    live = peak = 0
+    for event in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        live += event["args"]["Bytes"]
+        peak = max(peak, live)
+    return peak
+
+
+def _siglip_memory_case(rank: int) -> dict:
+    """Allocated peak of one forward + backward of SigLipLoss, every dist_impl, on the groups of the
+    first 2 and 4 ranks, in units of one n×D shard (float64), the inputs and their gradients not counted."""
+    peaks = {}
+    n, d = SIGLIP_MEMORY_SHARD, SIGLIP_MEMORY_DIM
+    for world in SIGLIP_MEMORY_WORLDS:
+        group = dist.new_group(list(range(world)))
+        if rank >= world:
+            continue
+        batch = _global_batch(world, 0, rows=n, dim=d)
+        for impl in ("bidir", "shift", "reduce", "gather"):
+            loss = pcf.SigLipLoss(rank=rank, world_size=world, dist_impl=impl, group=group, backend="torch")
+            image, text, scale, bias = _leaves(batch, rank, world, True)
+            loss(image, text, scale, bias).backward()   # gradients allocated before the count
+            peaks[(impl, world)] = allocated_peak(lambda: loss(image, text, scale, bias).backward()) / (n * d * 8)
+    return peaks
+
+
+ONLY_CASES = {"memory": _memory_case, "siglip-memory": _siglip_memory_case}
+
+
 def _runs_in(backend: str, world: int) -> bool:
     return backend != "triton" or world == TRITON_WORLD
 
 
-def _worker(rank: int, world: int, seed: int, rendezvous: str, out_dir: str, memory_only: bool = False) -> None:
+def _worker(rank: int, world: int, seed: int, rendezvous: str, out_dir: str, only: Optional[str] = None) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
@@ -358,7 +400,7 @@ def _worker(rank: int, world: int, seed: int, rendezvous: str, out_dir: str, mem
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        results = {"memory": _memory_case(rank)} if memory_only else _run_cases(rank, world, seed)
+        results = {only: ONLY_CASES[only](rank)} if only else _run_cases(rank, world, seed)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears down its connections while a peer still uses them
     finally:
@@ -384,10 +426,10 @@ def _run_cases(rank: int, world: int, seed: int) -> dict:
     return results
 
 
-def _spawn(world: int, seed: int, out_dir: str, memory_only: bool = False) -> None:
+def _spawn(world: int, seed: int, out_dir: str, only: Optional[str] = None) -> None:
     """Run the ranks, failing (and killing them) after SPAWN_TIMEOUT_S."""
     context = mp.start_processes(_worker, args=(world, seed, os.path.join(out_dir, "rendezvous"), out_dir,
-                                                memory_only), nprocs=world, join=False, start_method="spawn")
+                                                only), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     try:
         while not context.join(timeout=1):
@@ -630,7 +672,7 @@ def test_per_rank_memory_has_no_n_by_n_term():
     flat in W. The materialised loss (open_clip's) adds its two n×N logit matrices per rank."""
     out_dir = tempfile.mkdtemp(prefix="memory")
     try:
-        _spawn(max(MEMORY_WORLDS), 0, out_dir, memory_only=True)
+        _spawn(max(MEMORY_WORLDS), 0, out_dir, only="memory")
     except mp.ProcessRaisedException as error:
         pytest.fail(f"a rank raised:\n{error}")
     peaks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"))["memory"] for r in range(max(MEMORY_WORLDS))]
@@ -644,6 +686,25 @@ def test_per_rank_memory_has_no_n_by_n_term():
     assert peak[("fused", large)] - peak[("fused", small)] >= 2 * added * d * item, peak  # the counter counts
     grew = peak[("materialised", large)] - peak[("materialised", small)]
     assert grew >= 2 * n * added * item, f"materialised: {peak}"
+
+
+def test_siglip_per_rank_memory_is_a_block_per_rank():
+    """Per rank, SigLipLoss keeps one n×D block per rank's texts (its gradient, formed in the fused
+    sweep: what open_clip keeps of them is the texts themselves) and a few n×D buffers besides: the
+    images' gradient summed over the blocks, the texts in flight, one block's outputs, the tile
+    scratch. 'gather' also holds the gathered texts and their gradient. Keeping every block's image
+    gradient until the backward (2 blocks per rank) fails the bound."""
+    out_dir = tempfile.mkdtemp(prefix="siglip-memory")
+    try:
+        _spawn(max(SIGLIP_MEMORY_WORLDS), 0, out_dir, only="siglip-memory")
+    except mp.ProcessRaisedException as error:
+        pytest.fail(f"a rank raised:\n{error}")
+    ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"))["siglip-memory"]
+             for r in range(max(SIGLIP_MEMORY_WORLDS))]
+    peak = {key: max(r[key] for r in ranks if key in r) for key in ranks[0]}
+    for (impl, world), blocks in peak.items():
+        bound = 2 * world + 4 if impl == "gather" else world + 5
+        assert blocks <= bound, f"{impl} on {world} ranks: {blocks:.2f} n×D blocks > {bound}: {peak}"
 
 
 # --------------------------------------------------------------------------- without a process group

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _tiles
 from ._tiles import TileScores, nonfinite_poison, positive_tile, spans
@@ -34,20 +33,22 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     db = torch.zeros(b.shape, **opts) if need_b else None
     need_rows = need_a or need_scale
     any_grad = need_rows or need_b or need_bias
+    # One buffer each for the row block's scale·A_rows and its G·B, reused by every row block.
+    row_buffers = torch.empty(2 if need_rows else 1, min(n, _tiles.TILE_ROWS), a.shape[1], **opts)
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_rows = ts.rows(i0, i1)
-        a_scaled = ts.scaled(a_rows)
-        acc = torch.zeros(i1 - i0, a.shape[1], **opts) if need_rows else None
+        a_scaled = torch.mul(a_rows, ts.scale, out=row_buffers[0, : i1 - i0])
+        acc = row_buffers[1, : i1 - i0].zero_() if need_rows else None
         for j0, j1 in spans(m, _tiles.TILE_COLS):
             b_cols = ts.cols(j0, j1)
             z = ts.scores(a_scaled, b_cols)  # becomes −y·S in place
             if bias_c is not None:
                 z.add_(bias_c)
             sign = _negate_positives(z, row_ids, col_ids, i0, i1, j0, j1, negative_only)
-            loss_sum += F.softplus(z).sum()
+            g = torch.sigmoid(z, out=ts.scratch(z)) if any_grad else None  # ∂/∂(−yS) softplus = σ(−yS)
+            loss_sum += torch.ops.aten.softplus.out(z, 1, 20, out=z).sum()  # softplus(−yS), in place
             if not any_grad:
                 continue
-            g = torch.sigmoid(z, out=ts.scratch(z))  # ∂/∂(−yS) softplus = σ(−yS)
             sign(g)  # G = −y·σ(−yS)
             if need_bias:
                 dbias += g.sum()
@@ -56,7 +57,7 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
             if need_b:
                 db[j0:j1].addmm_(g.T, a_rows)
         if need_scale:
-            dscale += (acc * a_rows).sum()
+            dscale += torch.mul(acc, a_rows, out=a_scaled).sum()
         if need_a:
             da[i0:i1] = acc.mul_(ts.scale * grad_scale)
     if need_b:
