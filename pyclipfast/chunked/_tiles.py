@@ -25,7 +25,13 @@ def nonfinite_poison(dtype: torch.dtype, *tensors: torch.Tensor) -> torch.Tensor
 
     Added to a statistic, it makes a non-finite input show in the loss where the tile math would
     drop it (a −∞ score vanishes from a log-sum-exp and from Σ softplus)."""
-    return sum(t.detach().abs().amax().to(dtype) for t in tensors) * 0
+    return sum(_finite_times_zero(t.detach(), dtype) for t in tensors)
+
+
+def _finite_times_zero(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(max·0 + min·0) of t: 0, or NaN when t holds an infinity or a NaN; one pass, no copy of t."""
+    low, high = torch.aminmax(t)
+    return low.to(dtype) * 0 + high.to(dtype) * 0
 
 
 def spans(total: int, step: int) -> Iterator[Tuple[int, int]]:
