@@ -134,19 +134,24 @@ class _ReduceScatter(torch.autograd.Function):
         return _gather(grad, ctx.group), None
 
 
-class _AllReduce(torch.autograd.Function):
-    """Sum over ranks; backward sums the gradients too (torch.distributed.nn.all_reduce)."""
+class _ReduceFrom(torch.autograd.Function):
+    """Rank `source`'s x on every rank, as open_clip's all-reduce of (x on `source`, zeros
+    elsewhere): one all-reduce into a single fresh buffer. Backward: the gradients summed over
+    ranks (an all-reduce every rank runs), kept by `source` only."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = x.detach().clone(memory_format=torch.contiguous_format)
+    def forward(ctx, x, source: bool, group):
+        ctx.source, ctx.group = source, group
+        out = x.detach().clone(memory_format=torch.contiguous_format) if source else torch.zeros_like(
+            x, memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _AllReduce.apply(grad, ctx.group), None
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return (total if ctx.source else None), None, None
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -661,7 +666,7 @@ def _texts_shift(text: torch.Tensor, rank: int, world: int, group) -> Iterator[T
 def _texts_reduce(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
     """Rank i's texts via an all-reduce of (texts on rank i, zeros elsewhere), for every i, own included."""
     for i in range(world):
-        yield i, _AllReduce.apply(text * (rank == i), group)
+        yield i, _ReduceFrom.apply(text, rank == i, group)
 
 
 def _texts_gather(text: torch.Tensor, rank: int, world: int, group) -> Iterator[Tuple[int, torch.Tensor]]:
