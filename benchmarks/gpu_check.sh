@@ -41,7 +41,7 @@ LIMIT_SANITIZE=60   # each of memcheck and racecheck
 # H200 ceilings for the roofline floors printed by --dry-run (measured again in every benchmark run).
 H200_BF16_TFLOPS=790
 H200_COPY_TBS=4.3
-TEST_FILES="tests/test_cuda.py tests/test_clip.py tests/test_siglip.py tests/test_distill.py tests/test_cosine.py tests/test_retrieval.py tests/test_kernel_edges.py tests/test_nonfinite.py tests/test_compile.py"
+TEST_FILES="tests/test_cuda.py tests/test_clip.py tests/test_clip_pairs.py tests/test_siglip.py tests/test_distill.py tests/test_cosine.py tests/test_retrieval.py tests/test_kernel_edges.py tests/test_nonfinite.py tests/test_compile.py"
 TEST_SELECT="cuda or triton or gpu"
 
 DRY=0
