@@ -113,33 +113,45 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     if rule:
         return _pair_rule_backward(a, b, scale, row_ids, col_ids, row_lse, g_row, need_a, need_b, need_scale,
                                    rule, penalty)
-    n, m = a.shape[0], b.shape[0]
     ts = TileScores(a, b, scale)
+    row_shift, col_shift = _log_weight_shift(row_lse, g_row), _log_weight_shift(col_lse, g_col)
+
+    def tile_grad(a_rows, a_scaled, b_cols, i0, i1, j0, j1):
+        s = ts.scores(a_scaled, b_cols)
+        g = ts.scratch(s)
+        if g_row is None:
+            g.zero_()
+        elif row_shift is not None:  # g_row·exp(S − lse) = exp(S − (lse − log g_row))
+            torch.sub(s, row_shift[i0:i1, None], out=g).exp_()
+        else:
+            torch.sub(s, row_lse[i0:i1, None], out=g).exp_().mul_(g_row[i0:i1, None])
+        if g_col is not None and col_shift is not None:
+            g.add_(s.sub_(col_shift[j0:j1]).exp_())
+        elif g_col is not None:
+            g.addcmul_(s.sub_(col_lse[j0:j1]).exp_(), g_col[None, j0:j1])
+        add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos)
+        return g
+
+    return _gradient_sweep(ts, tile_grad, need_a, need_b, need_scale)
+
+
+def _gradient_sweep(ts: TileScores, tile_grad, need_a: bool, need_b: bool, need_scale: bool):
+    """dA = s·G·B, dB = s·Gᵀ·A, dscale = Σ_ij G_ij⟨A_i, B_j⟩ = Σ_i ⟨(G·B)_i, A_i⟩, with each tile of G
+    from `tile_grad(a_rows, scale·a_rows, b_cols, i0, i1, j0, j1)`."""
+    a, b = ts.a, ts.b
+    n, m = a.shape[0], b.shape[0]
     opts = dict(dtype=ts.cd, device=a.device)
     da = torch.empty(a.shape, **opts) if need_a else None
     db = torch.zeros(b.shape, **opts) if need_b else None
     dscale = torch.zeros((), **opts)
     need_rows = need_a or need_scale
-    row_shift, col_shift = _log_weight_shift(row_lse, g_row), _log_weight_shift(col_lse, g_col)
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_rows = ts.rows(i0, i1)
         a_scaled = ts.scaled(a_rows)
         acc = torch.zeros(i1 - i0, a.shape[1], **opts) if need_rows else None
         for j0, j1 in spans(m, _tiles.TILE_COLS):
             b_cols = ts.cols(j0, j1)
-            s = ts.scores(a_scaled, b_cols)
-            g = ts.scratch(s)
-            if g_row is None:
-                g.zero_()
-            elif row_shift is not None:  # g_row·exp(S − lse) = exp(S − (lse − log g_row))
-                torch.sub(s, row_shift[i0:i1, None], out=g).exp_()
-            else:
-                torch.sub(s, row_lse[i0:i1, None], out=g).exp_().mul_(g_row[i0:i1, None])
-            if g_col is not None and col_shift is not None:
-                g.add_(s.sub_(col_shift[j0:j1]).exp_())
-            elif g_col is not None:
-                g.addcmul_(s.sub_(col_lse[j0:j1]).exp_(), g_col[None, j0:j1])
-            add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos)
+            g = tile_grad(a_rows, a_scaled, b_cols, i0, i1, j0, j1)
             if need_rows:
                 acc.addmm_(g, b_cols)
             if need_b:
@@ -215,32 +227,12 @@ def _pair_rule_forward(a, b, scale, row_ids, col_ids, rule: int, penalty: float)
 
 def _pair_rule_backward(a, b, scale, row_ids, col_ids, row_lse, g_row, need_a: bool, need_b: bool,
                         need_scale: bool, rule: int, penalty: float):
-    n, m = a.shape[0], b.shape[0]
     ts = TileScores(a, b, scale)
-    opts = dict(dtype=ts.cd, device=a.device)
-    da = torch.empty(a.shape, **opts) if need_a else None
-    db = torch.zeros(b.shape, **opts) if need_b else None
-    dscale = torch.zeros((), **opts)
     shift = _finite_shift(row_lse.to(ts.cd))
     weight = g_row.to(ts.cd)
-    for i0, i1 in spans(n, _tiles.TILE_ROWS):
-        a_rows = ts.rows(i0, i1)
-        acc = torch.zeros(i1 - i0, a.shape[1], **opts)
-        for j0, j1 in spans(m, _tiles.TILE_COLS):
-            b_cols = ts.cols(j0, j1)
-            logit = _pair_logits(ts, a_rows, b_cols, row_ids, col_ids, i0, i1, j0, j1, rule, penalty)
-            g = (logit - shift[i0:i1, None]).exp_().mul_(weight[i0:i1, None])
-            acc.addmm_(g, b_cols)
-            if need_b:
-                db[j0:j1].addmm_(g.T, a_rows)
-        if need_scale:
-            dscale += (acc * a_rows).sum()
-        if need_a:
-            da[i0:i1] = acc * ts.scale
-    if need_b:
-        db.mul_(ts.scale)
-    return (
-        da.to(a.dtype) if need_a else None,
-        db.to(b.dtype) if need_b else None,
-        dscale if need_scale else None,
-    )
+
+    def tile_grad(a_rows, a_scaled, b_cols, i0, i1, j0, j1):
+        logit = _pair_logits(ts, a_rows, b_cols, row_ids, col_ids, i0, i1, j0, j1, rule, penalty)
+        return (logit - shift[i0:i1, None]).exp_().mul_(weight[i0:i1, None])
+
+    return _gradient_sweep(ts, tile_grad, need_a, need_b, need_scale)
