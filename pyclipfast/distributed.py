@@ -76,6 +76,7 @@ from . import clip as _clip
 from . import reference
 from . import siglip as _siglip
 from ._dispatch import resolve
+from .chunked._tiles import shared_scratch
 from ._ops import _first_order
 from .distill import GRADIENT_STATS, TEACHER_STATS, DistillOptions, distill_stats
 from ._validation import (
@@ -706,14 +707,16 @@ def siglip_module_loss(module, image_features: torch.Tensor, text_features: torc
         return module._loss(image_features, all_text, logit_scale, logit_bias, image_ids=image_ids,
                             text_ids=_gather(text_ids, module.group))
     rows = _SigLipRows(image_features, logit_scale, logit_bias, module.backend)
-    loss = rows.block(text_features, negative_only=False)
-    for source, texts in _OTHER_TEXTS[module.dist_impl](text_features, module.rank, module.world_size, module.group):
-        if source == module.rank:
-            # 'reduce' hands back our own texts: every rank must run every all-reduce's backward,
-            # so it stays in the graph with weight 0 (open_clip multiplies a whole loss by 0).
-            loss = loss + 0.0 * texts.sum()
-        else:
-            loss = loss + rows.block(texts, negative_only=True)
+    with shared_scratch():  # the chunked sweeps of the blocks share one set of tiles
+        loss = rows.block(text_features, negative_only=False)
+        for source, texts in _OTHER_TEXTS[module.dist_impl](text_features, module.rank, module.world_size,
+                                                            module.group):
+            if source == module.rank:
+                # 'reduce' hands back our own texts: every rank must run every all-reduce's backward,
+                # so it stays in the graph with weight 0 (open_clip multiplies a whole loss by 0).
+                loss = loss + 0.0 * texts.sum()
+            else:
+                loss = loss + rows.block(texts, negative_only=True)
     return rows.attach(loss)
 
 

@@ -99,3 +99,25 @@ def test_gradcheck_torch_backend():
                text_ids=torch.tensor([1, 0, 2, 2, 3, 9, 5, 5, 1], device=DEVICE))
     assert torch.autograd.gradcheck(
         lambda x, y, s, c: pcf.siglip_loss(x, y, s, c, backend="torch", **ids), (a, b, scale, bias))
+
+
+def test_sweeps_inside_shared_scratch_reuse_one_set_of_tiles():
+    """The blocks of one rank's SigLIP step share their scratch tiles; outside, each sweep has its own."""
+    from pyclipfast.chunked import _tiles
+    a, b = torch.randn(40, 8), torch.randn(30, 8)
+    one, two = (_tiles.TileScores(a, b, torch.tensor(2.0)) for _ in range(2))
+    assert one._s.data_ptr() != two._s.data_ptr()
+    with _tiles.shared_scratch():
+        first = _tiles.TileScores(a, b, torch.tensor(2.0))
+        second = _tiles.TileScores(a[:20], b, torch.tensor(2.0))  # smaller: a view of the same buffer
+        assert second._s.data_ptr() == first._s.data_ptr() and second._e.data_ptr() == first._e.data_ptr()
+    assert _tiles._shared.buffers is None
+    with _tiles.shared_scratch():
+        x = torch.randn(50, 8, requires_grad=True)
+        y = torch.randn(50, 8, requires_grad=True)
+        shared = pcf.siglip_loss(x, y, 10.0, -10.0, backend="torch")
+        shared.backward()
+    plain_x, plain_y = x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_()
+    plain = pcf.siglip_loss(plain_x, plain_y, 10.0, -10.0, backend="torch")
+    plain.backward()
+    assert torch.equal(shared, plain) and torch.equal(x.grad, plain_x.grad) and torch.equal(y.grad, plain_y.grad)

@@ -7,6 +7,8 @@ the fastest on the 2-core development CPU (benchmarks/bench_chunked_tiles.py).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -34,6 +36,36 @@ def _finite_times_zero(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return low.to(dtype) * 0 + high.to(dtype) * 0
 
 
+_shared = threading.local()
+
+
+@contextlib.contextmanager
+def shared_scratch():
+    """Within it, the chunked sweeps of this thread take their scratch tiles and row buffers from one
+    set, allocated by the first sweep that needs them and released at the end. For a loop of sweeps
+    (the blocks of one rank's SigLIP step): each block would otherwise allocate and free the same
+    buffers, and the freed ones leave holes in the CPU heap between the gradients the blocks keep."""
+    outer = getattr(_shared, "buffers", None)
+    if outer is None:
+        _shared.buffers = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _shared.buffers = None
+
+
+def scratch_buffer(key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least `numel` elements: a fresh one, or inside `shared_scratch` the set's."""
+    buffers = getattr(_shared, "buffers", None)
+    if buffers is None:
+        return torch.empty(numel, dtype=dtype, device=device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
 def spans(total: int, step: int) -> Iterator[Tuple[int, int]]:
     for start in range(0, total, step):
         yield start, min(start + step, total)
@@ -47,8 +79,8 @@ class TileScores:
         self.a, self.b = a, b
         self.scale = scale.detach().to(self.cd)
         rows, cols = min(TILE_ROWS, a.shape[0]), min(TILE_COLS, b.shape[0])
-        self._s = torch.empty(rows * cols, dtype=self.cd, device=a.device)
-        self._e = torch.empty(rows * cols, dtype=self.cd, device=a.device)
+        self._s = scratch_buffer("scores", rows * cols, self.cd, a.device)
+        self._e = scratch_buffer("scratch", rows * cols, self.cd, a.device)
 
     def rows(self, i0: int, i1: int) -> torch.Tensor:
         return self.a[i0:i1].to(self.cd)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import _tiles
-from ._tiles import TileScores, nonfinite_poison, positive_tile, spans
+from ._tiles import TileScores, nonfinite_poison, positive_tile, scratch_buffer, spans
 
 
 def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
@@ -34,7 +34,9 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     need_rows = need_a or need_scale
     any_grad = need_rows or need_b or need_bias
     # One buffer each for the row block's scale·A_rows and its G·B, reused by every row block.
-    row_buffers = torch.empty(2 if need_rows else 1, min(n, _tiles.TILE_ROWS), a.shape[1], **opts)
+    rows = min(n, _tiles.TILE_ROWS)
+    row_buffers = scratch_buffer("rows", (2 if need_rows else 1) * rows * a.shape[1], ts.cd, a.device).view(
+        -1, rows, a.shape[1])
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_rows = ts.rows(i0, i1)
         a_scaled = torch.mul(a_rows, ts.scale, out=row_buffers[0, : i1 - i0])
