@@ -73,23 +73,19 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                     col_pos[j0:j1] += masked.sum(0)
             new_max = torch.maximum(run_max, s.amax(1))
             e = torch.sub(s, new_max[:, None], out=ts.scratch(s)).exp_()
+            rescale = (run_max - new_max).exp_()
+            run_sum = run_sum.mul_(rescale).add_(e.sum(1))
             if dots:
-                rescale = (run_max - new_max).exp_()
-                run_sum = run_sum.mul_(rescale).add_(e.sum(1))
                 run_dot = run_dot.mul_(rescale).add_(e.mul_(s).sum(1))
-            else:
-                run_sum = run_sum.mul_((run_max - new_max).exp_()).add_(e.sum(1))
             run_max = new_max
-            if bidirectional and dots:
+            if bidirectional:
                 cmax = torch.maximum(col_max[j0:j1], s.amax(0))
                 rescale = (col_max[j0:j1] - cmax).exp()
-                e = torch.sub(s, cmax, out=ts.scratch(s)).exp_()
+                # with dots S is still needed after the exp: the scratch tile, else S in place
+                e = torch.sub(s, cmax, out=ts.scratch(s)).exp_() if dots else s.sub_(cmax).exp_()
                 col_sum[j0:j1] = col_sum[j0:j1] * rescale + e.sum(0)
-                col_dot[j0:j1] = col_dot[j0:j1] * rescale + e.mul_(s).sum(0)
-                col_max[j0:j1] = cmax
-            elif bidirectional:
-                cmax = torch.maximum(col_max[j0:j1], s.amax(0))
-                col_sum[j0:j1] = col_sum[j0:j1] * (col_max[j0:j1] - cmax).exp() + s.sub_(cmax).exp_().sum(0)
+                if dots:
+                    col_dot[j0:j1] = col_dot[j0:j1] * rescale + e.mul_(s).sum(0)
                 col_max[j0:j1] = cmax
         if dots:
             row_dot[i0:i1] = run_dot / run_sum
