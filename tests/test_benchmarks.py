@@ -288,3 +288,28 @@ def test_gpu_goals_suite_is_cuda_only_and_cpu_suites_exist():
         assert build_suite(name, "cpu").sweeps
     with pytest.raises(ValueError):
         build_suite("nope", "cpu")
+
+
+def test_score_spread_benchmark_runs_and_writes(tmp_path, monkeypatch):
+    """A tiny run of benchmarks/bench_score_spread.py: every loss × features × implementation, the
+    trained features deep below float32's exp range and the random ones not; the floor restored."""
+    import json
+    import sys
+
+    from benchmarks import bench_score_spread
+    from pyclipfast.chunked import _tiles
+
+    monkeypatch.setattr(sys, "argv", ["bench_score_spread", "--n", "48", "--d", "16", "--repeat", "1",
+                                      "--out", str(tmp_path)])
+    bench_score_spread.main()
+    record = json.loads((tmp_path / "score-spread.json").read_text())
+    rows = record["rows"]
+    assert {(r["loss"], r["regime"], r["implementation"]) for r in rows} == {
+        (loss, regime, impl) for loss in ("clip", "siglip", "distill") for regime in ("random", "trained")
+        for impl in ("open_clip", "pyclipfast", "pyclipfast, no floor")}
+    deep = {r["regime"]: r["deep_fraction"] for r in rows}
+    assert deep["random"] == 0 and deep["trained"] > 0.5
+    assert all(r["seconds"] > 0 for r in rows)
+    assert _tiles.EXP_FLOOR == -64.0
+    table = (tmp_path / "score-spread.md").read_text()
+    assert "--n 48 --d 16 --repeat 1" in table and table.count("| clip |") == 6

@@ -8,6 +8,8 @@ the fastest on the 2-core development CPU (benchmarks/bench_chunked_tiles.py).
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import threading
 from typing import Iterator, Optional, Tuple
 
@@ -15,6 +17,18 @@ import torch
 
 TILE_ROWS = 1024
 TILE_COLS = 1024
+
+# float32 exp (and softplus) on the CPU leaves its vector path when the result underflows the normal
+# range, an argument below about −87.3: a 1024×1024 tile of such arguments takes 30–85 ms instead of
+# 0.5 ms on the development CPU; and exponentials just above it, multiplied by the features in the
+# gradient matmuls, give subnormal products that slow the matmul as much. Scores spread that wide
+# are the trained regime (logit scale 100, positives far above the negatives: open_clip's own loss
+# then runs ~30× slower, benchmarks/bench_score_spread.py), so the sweeps floor such arguments at
+# EXP_FLOOR (`floor_`): exp(−64) ≈ 1.6e-28 then stands in for a smaller term (a false negative
+# filtered out by the teacher included), far below the float32 resolution of any sum or gradient it
+# enters; a pair excluded by a pair rule stays exactly 0. Arguments that cannot reach the floor (the
+# bound from `score_bound`) are left alone, so the usual regime pays no extra pass.
+EXP_FLOOR = -64.0
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -34,6 +48,32 @@ def _finite_times_zero(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(max·0 + min·0) of t: 0, or NaN when t holds an infinity or a NaN; one pass, no copy of t."""
     low, high = torch.aminmax(t)
     return low.to(dtype) * 0 + high.to(dtype) * 0
+
+
+def floors(features: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the exp floor applies to a sweep over these features in this compute dtype (float32 on
+    the CPU: see EXP_FLOOR)."""
+    return dtype == torch.float32 and features.device.type == "cpu"
+
+
+def floored(features: torch.Tensor, dtype: torch.dtype, lowest: float) -> bool:
+    """Whether an exp argument whose lower bound is `lowest` is floored: not for a non-finite bound
+    (a non-finite input, whose statistics are NaN however fast they come)."""
+    return floors(features, dtype) and -math.inf < lowest < EXP_FLOOR
+
+
+def floor_(x: torch.Tensor, lowest: float) -> torch.Tensor:
+    """x floored at EXP_FLOOR in place before an exp or softplus, when `lowest` (a lower bound of x)
+    says it may reach below (float32 CPU tensors only: see EXP_FLOOR)."""
+    if floored(x, x.dtype, lowest):
+        x.clamp_min_(EXP_FLOOR)
+    return x
+
+
+def score_bound(scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """|scale|·max‖a_i‖·max‖b_j‖ ≥ |scale·⟨a_i, b_j⟩| (one pass over the features, a host sync)."""
+    norm = lambda x: float(torch.linalg.vector_norm(x, dim=1).max()) if x.shape[0] else 0.0
+    return abs(float(scale)) * norm(a) * norm(b)
 
 
 _shared = threading.local()
@@ -81,6 +121,21 @@ class TileScores:
         rows, cols = min(TILE_ROWS, a.shape[0]), min(TILE_COLS, b.shape[0])
         self._s = scratch_buffer("scores", rows * cols, self.cd, a.device)
         self._e = scratch_buffer("scratch", rows * cols, self.cd, a.device)
+
+    @functools.cached_property
+    def bound(self) -> float:
+        """|s|·max‖A_i‖·max‖B_j‖ ≥ |S_ij| for every score (inf where the floor does not apply)."""
+        return score_bound(self.scale, self.a, self.b) if self.floors else float("inf")
+
+    @property
+    def floors(self) -> bool:
+        return floors(self.a, self.cd)
+
+    def floored(self, lowest: float) -> bool:
+        return floored(self.a, self.cd, lowest)
+
+    def floor_(self, x: torch.Tensor, lowest: float) -> torch.Tensor:
+        return floor_(x, lowest)
 
     def rows(self, i0: int, i1: int) -> torch.Tensor:
         return self.a[i0:i1].to(self.cd)

@@ -52,6 +52,7 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     if dots:
         row_dot = torch.empty(n, **opts)
         col_dot = torch.zeros(m, **opts) if bidirectional else None
+    lowest = -2 * ts.bound if ts.floors else 0.0  # S − (a row's or column's max) ≥ −2·bound
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_scaled = ts.scaled(ts.rows(i0, i1))
         run_max = torch.full((i1 - i0,), float("-inf"), **opts)
@@ -72,7 +73,7 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                 if bidirectional:
                     col_pos[j0:j1] += masked.sum(0)
             new_max = torch.maximum(run_max, s.amax(1))
-            e = torch.sub(s, new_max[:, None], out=ts.scratch(s)).exp_()
+            e = ts.floor_(torch.sub(s, new_max[:, None], out=ts.scratch(s)), lowest).exp_()
             rescale = (run_max - new_max).exp_()
             run_sum = run_sum.mul_(rescale).add_(e.sum(1))
             if dots:
@@ -82,7 +83,8 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                 cmax = torch.maximum(col_max[j0:j1], s.amax(0))
                 rescale = (col_max[j0:j1] - cmax).exp()
                 # with dots S is still needed after the exp: the scratch tile, else S in place
-                e = torch.sub(s, cmax, out=ts.scratch(s)).exp_() if dots else s.sub_(cmax).exp_()
+                e = torch.sub(s, cmax, out=ts.scratch(s)) if dots else s.sub_(cmax)
+                e = ts.floor_(e, lowest).exp_()
                 col_sum[j0:j1] = col_sum[j0:j1] * rescale + e.sum(0)
                 if dots:
                     col_dot[j0:j1] = col_dot[j0:j1] * rescale + e.mul_(s).sum(0)
@@ -111,20 +113,26 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                                    rule, penalty)
     ts = TileScores(a, b, scale)
     row_shift, col_shift = _log_weight_shift(row_lse, g_row), _log_weight_shift(col_lse, g_col)
+    row_sub = row_lse if row_shift is None else row_shift
+    col_sub = col_lse if col_shift is None else col_shift
+    # S − shift ≥ −bound − max(shift), for the exp floor
+    row_lowest, col_lowest = (_lowest(ts, x) for x in (row_sub, col_sub))
 
     def tile_grad(a_rows, a_scaled, b_cols, i0, i1, j0, j1):
         s = ts.scores(a_scaled, b_cols)
         g = ts.scratch(s)
         if g_row is None:
             g.zero_()
-        elif row_shift is not None:  # g_row·exp(S − lse) = exp(S − (lse − log g_row))
-            torch.sub(s, row_shift[i0:i1, None], out=g).exp_()
-        else:
-            torch.sub(s, row_lse[i0:i1, None], out=g).exp_().mul_(g_row[i0:i1, None])
-        if g_col is not None and col_shift is not None:
-            g.add_(s.sub_(col_shift[j0:j1]).exp_())
-        elif g_col is not None:
-            g.addcmul_(s.sub_(col_lse[j0:j1]).exp_(), g_col[None, j0:j1])
+        else:  # with a shift, g_row·exp(S − lse) = exp(S − (lse − log g_row))
+            ts.floor_(torch.sub(s, row_sub[i0:i1, None], out=g), row_lowest).exp_()
+            if row_shift is None:
+                g.mul_(g_row[i0:i1, None])
+        if g_col is not None:
+            e = ts.floor_(s.sub_(col_sub[j0:j1]), col_lowest).exp_()
+            if col_shift is not None:
+                g.add_(e)
+            else:
+                g.addcmul_(e, g_col[None, j0:j1])
         add_positive_grad(g, row_ids, col_ids, i0, i1, j0, j1, g_row_pos, g_col_pos)
         return g
 
@@ -165,6 +173,13 @@ def _gradient_sweep(ts: TileScores, tile_grad, need_a: bool, need_b: bool, need_
     )
 
 
+def _lowest(ts: TileScores, shift: Optional[torch.Tensor]) -> float:
+    """A lower bound of S_ij − shift over the tiles (only computed where the exp floor applies)."""
+    if shift is None or not ts.floors:
+        return 0.0
+    return -ts.bound - float(shift.max()) if shift.numel() else 0.0
+
+
 def _log_weight_shift(lse: Optional[torch.Tensor], weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """lse − log(weight) when every weight is > 0 (the usual mean reduction), so a tile's
     weight·exp(S − lse) is one exp with no multiply pass; None otherwise. Checked on CPU
@@ -185,15 +200,29 @@ def _log_weight_shift(lse: Optional[torch.Tensor], weight: Optional[torch.Tensor
 
 def _pair_logits(ts: TileScores, a_rows: torch.Tensor, b_cols: torch.Tensor, row_ids: torch.Tensor,
                  col_ids: torch.Tensor, i0: int, i1: int, j0: int, j1: int, rule: int, penalty: float):
-    """L of one tile."""
+    """L of one tile, and the mask of its excluded pairs (rule 1; None otherwise)."""
     dot = a_rows @ b_cols.T
     logit = dot * ts.scale
     selected = row_ids[i0:i1, None] == col_ids[None, j0:j1]
     if rule == 2:
         selected = ~selected
     if rule == 1:
-        return logit.masked_fill_(selected, float("-inf"))
-    return logit.add_(dot * selected, alpha=penalty)
+        return logit.masked_fill_(selected, float("-inf")), selected
+    return logit.add_(dot * selected, alpha=penalty), None
+
+
+def _pair_bound(ts: TileScores, penalty: float) -> float:
+    """|L_ij| ≤ (|s| + |α|)·max‖A_i‖·max‖B_j‖ on the pairs that are not excluded."""
+    scale = abs(float(ts.scale))
+    return ts.bound * (1 + abs(penalty) / scale) if scale > 0 else float("inf")
+
+
+def _pair_exp_(ts: TileScores, x: torch.Tensor, excluded: Optional[torch.Tensor], lowest: float) -> torch.Tensor:
+    """exp(x) in place for x = L − shift; an excluded pair's stays exactly 0 when x is floored."""
+    ts.floor_(x, lowest).exp_()
+    if excluded is not None and ts.floored(lowest):
+        x.masked_fill_(excluded, 0.0)
+    return x
 
 
 def _finite_shift(x: torch.Tensor) -> torch.Tensor:
@@ -205,15 +234,19 @@ def _pair_rule_forward(a, b, scale, row_ids, col_ids, rule: int, penalty: float)
     ts = TileScores(a, b, scale)
     opts = dict(dtype=ts.cd, device=a.device)
     row_lse = torch.empty(n, **opts)
+    # L − (its row's max) on the pairs that are not excluded, for the exp floor
+    lowest = -2 * _pair_bound(ts, penalty) if ts.floors else 0.0
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_rows = ts.rows(i0, i1)
         run_max = torch.full((i1 - i0,), float("-inf"), **opts)
         run_sum = torch.zeros(i1 - i0, **opts)
         for j0, j1 in spans(m, _tiles.TILE_COLS):
-            logit = _pair_logits(ts, a_rows, ts.cols(j0, j1), row_ids, col_ids, i0, i1, j0, j1, rule, penalty)
+            logit, excluded = _pair_logits(ts, a_rows, ts.cols(j0, j1), row_ids, col_ids, i0, i1, j0, j1, rule,
+                                           penalty)
             new_max = torch.maximum(run_max, logit.amax(1))
             shift = _finite_shift(new_max)
-            run_sum = run_sum * (run_max - shift).exp() + (logit - shift[:, None]).exp().sum(1)
+            e = _pair_exp_(ts, logit.sub_(shift[:, None]), excluded, lowest)
+            run_sum = run_sum * (run_max - shift).exp() + e.sum(1)
             run_max = new_max
         row_lse[i0:i1] = run_sum.log() + run_max
     # 0, or NaN for a non-finite input (an excluded pair could hide it)
@@ -226,9 +259,10 @@ def _pair_rule_backward(a, b, scale, row_ids, col_ids, row_lse, g_row, need_a: b
     ts = TileScores(a, b, scale)
     shift = _finite_shift(row_lse.to(ts.cd))
     weight = g_row.to(ts.cd)
+    lowest = -_pair_bound(ts, penalty) - float(shift.max()) if ts.floors and shift.numel() else 0.0
 
     def tile_grad(a_rows, a_scaled, b_cols, i0, i1, j0, j1):
-        logit = _pair_logits(ts, a_rows, b_cols, row_ids, col_ids, i0, i1, j0, j1, rule, penalty)
-        return (logit - shift[i0:i1, None]).exp_().mul_(weight[i0:i1, None])
+        logit, excluded = _pair_logits(ts, a_rows, b_cols, row_ids, col_ids, i0, i1, j0, j1, rule, penalty)
+        return _pair_exp_(ts, logit.sub_(shift[i0:i1, None]), excluded, lowest).mul_(weight[i0:i1, None])
 
     return _gradient_sweep(ts, tile_grad, need_a, need_b, need_scale)

@@ -54,6 +54,32 @@ class _Tiles:
         self.teacher_scale = teacher_scale.detach().to(self.cd)
         self.margin_per_v = opts.margin / float(self.teacher_scale)  # μ = m − (m/t)·V
         self.row_ids, self.col_ids, self.opts = row_ids, col_ids, opts
+        self.floors = _tiles.floors(a, self.cd)
+        self._bounds: Dict[str, float] = {}
+
+    def bound(self, name: str) -> float:
+        """An upper bound of |x| for the tile matrix `name` (z, u or v; −∞ entries aside), for the exp
+        floor (inf where it does not apply): |U| ≤ s·max‖A‖·max‖B‖, |Z| ≤ max(that, s) (ψ is a cosine
+        on the negatives), |V| ≤ t·max‖Tᵃ‖·max‖Tᵇ‖."""
+        if not self.floors:
+            return float("inf")
+        if name not in self._bounds:
+            if name == "v":
+                self._bounds[name] = _tiles.score_bound(self.teacher_scale, self.ta, self.tb)
+            else:
+                u = self._bounds["u"] = _tiles.score_bound(self.scale, self.a, self.b)
+                self._bounds["z"] = u if self.opts.margin == 0 else max(u, abs(float(self.scale)))
+        return self._bounds[name]
+
+    def lowest(self, name: str, lse: Optional[torch.Tensor] = None) -> float:
+        """A lower bound of x − (its line's max) (lse None), or of x − lse: for the exp floor."""
+        if not self.floors:
+            return 0.0
+        bound = self.bound(name)
+        if lse is None:
+            return -2 * bound
+        finite = lse[torch.isfinite(lse)]
+        return -bound - float(finite.max()) if finite.numel() else 0.0
 
     def rows(self, i0: int, i1: int):
         """(A rows, s·A rows, t·Tᵃ rows or None)."""
@@ -133,13 +159,15 @@ class _RunningLse:
         self.sum = torch.zeros(size, **opts)
         self.weighted = torch.zeros(size, **opts) if weighted else None
 
-    def add(self, x: torch.Tensor, dim: int, at: slice = slice(None), weight: Optional[torch.Tensor] = None):
-        """Merge tile x, reduced along dim, into the entries `at` (weight: the tile y of Σ exp·y)."""
+    def add(self, x: torch.Tensor, dim: int, at: slice = slice(None), weight: Optional[torch.Tensor] = None,
+            lowest: float = 0.0):
+        """Merge tile x, reduced along dim, into the entries `at` (weight: the tile y of Σ exp·y;
+        lowest: a lower bound of x − its line's max, for the exp floor)."""
         old = self.max[at]
         new = torch.maximum(old, x.amax(dim))
         shift = new.masked_fill(new == float("-inf"), 0.0)  # an all −∞ (filtered) line stays NaN-free
         rescale = (old - shift).exp_()
-        e = (x - shift.unsqueeze(dim)).exp_()
+        e = _tiles.floor_(x - shift.unsqueeze(dim), lowest).exp_()
         self.sum[at] = self.sum[at] * rescale + e.sum(dim)
         if weight is not None:
             self.weighted[at] = self.weighted[at] * rescale + e.mul_(weight).sum(dim)
@@ -164,6 +192,8 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
     z_cols = _RunningLse(m, like)
     if kd:
         u_cols, v_cols = (z_cols if shared else _RunningLse(m, like)), _RunningLse(m, like, weighted=True)
+    low_z = tiles.lowest("z")
+    low_u, low_v = (tiles.lowest("u"), tiles.lowest("v")) if kd else (0.0, 0.0)
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         rows = tiles.rows(i0, i1)
         z_rows = _RunningLse(i1 - i0, like)
@@ -173,15 +203,15 @@ def distill_forward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts: 
         for j0, j1 in spans(m, _tiles.TILE_COLS):
             t = tiles.tile(rows, tiles.cols(j0, j1), i0, i1, j0, j1)
             _add_positive_sums(t.z, row_ids, col_ids, i0, i1, j0, j1, row_pos, col_pos)
-            z_rows.add(t.z, 1)
-            z_cols.add(t.z, 0, slice(j0, j1))
+            z_rows.add(t.z, 1, lowest=low_z)
+            z_cols.add(t.z, 0, slice(j0, j1), lowest=low_z)
             if kd:
                 if not shared:
-                    u_rows.add(t.u, 1)
-                    u_cols.add(t.u, 0, slice(j0, j1))
+                    u_rows.add(t.u, 1, lowest=low_u)
+                    u_cols.add(t.u, 0, slice(j0, j1), lowest=low_u)
                 weight = t.u - t.v if opts.kd == "kl" else t.u
-                v_rows.add(t.v, 1, weight=weight)
-                v_cols.add(t.v, 0, slice(j0, j1), weight=weight)
+                v_rows.add(t.v, 1, weight=weight, lowest=low_v)
+                v_cols.add(t.v, 0, slice(j0, j1), weight=weight, lowest=low_v)
         out["row_lse"][i0:i1], out["row_pos"][i0:i1] = z_rows.lse(), row_pos
         if kd:
             out["student_row_lse"][i0:i1] = out["row_lse"][i0:i1] if shared else u_rows.lse()
@@ -225,6 +255,10 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
     g_u = (grads["student_row_lse"], grads["student_col_lse"]) if kd else (None, None)
     if shared:
         g_z, g_u = (_plus(g_z[0], g_u[0]), _plus(g_z[1], g_u[1])), (None, None)
+    # lower bounds of x − lse for the exp floor, per (matrix, statistics)
+    low = {name: (tiles.lowest(name[0], lse[row]), tiles.lowest(name[0], lse[col]))
+           for name, row, col in (("z", "row_lse", "col_lse"), ("u", "student_row_lse", "student_col_lse"),
+                                  ("v", "teacher_row_lse", "teacher_col_lse")) if row in lse}
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         rows = tiles.rows(i0, i1)
         a_rows = rows[0]
@@ -233,7 +267,7 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
             cols = tiles.cols(j0, j1)
             t = tiles.tile(rows, cols, i0, i1, j0, j1, slope=True)
             h = torch.zeros_like(t.z)  # ∂/∂Z, then H
-            _add_softmax_grad(h, t.z, lse["row_lse"], lse["col_lse"], *g_z, i0, i1, j0, j1)
+            _add_softmax_grad(h, t.z, lse["row_lse"], lse["col_lse"], *g_z, i0, i1, j0, j1, low["z"])
             add_positive_grad(h, row_ids, col_ids, i0, i1, j0, j1, grads["row_pos"], grads["col_pos"])
             if t.slope is not None:
                 if need_scale:
@@ -241,9 +275,10 @@ def distill_backward(a, b, scale, ta, tb, teacher_scale, row_ids, col_ids, opts:
                 h.mul_(t.slope)
             if kd:
                 if not shared:
-                    _add_softmax_grad(h, t.u, lse["student_row_lse"], lse["student_col_lse"], *g_u, i0, i1, j0, j1)
+                    _add_softmax_grad(h, t.u, lse["student_row_lse"], lse["student_col_lse"], *g_u, i0, i1, j0, j1,
+                                      low["u"])
                 _add_softmax_grad(h, t.v, lse["teacher_row_lse"], lse["teacher_col_lse"],
-                                  grads["row_cross"], grads["col_cross"], i0, i1, j0, j1)
+                                  grads["row_cross"], grads["col_cross"], i0, i1, j0, j1, low["v"])
             if need_rows:
                 acc.addmm_(h, cols[0])  # Σ_j H_ij B_j
             if need_b:
@@ -265,9 +300,10 @@ def _plus(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torc
     return y if x is None else x if y is None else x + y
 
 
-def _add_softmax_grad(h, x, row_lse, col_lse, g_row, g_col, i0, i1, j0, j1) -> None:
-    """h += g_row_i·exp(x_ij − row_lse_i) + g_col_j·exp(x_ij − col_lse_j): the gradient of the two lse."""
+def _add_softmax_grad(h, x, row_lse, col_lse, g_row, g_col, i0, i1, j0, j1, lowest=(0.0, 0.0)) -> None:
+    """h += g_row_i·exp(x_ij − row_lse_i) + g_col_j·exp(x_ij − col_lse_j): the gradient of the two lse
+    (lowest: lower bounds of x − row_lse and x − col_lse, for the exp floor)."""
     if g_row is not None:
-        h.addcmul_((x - row_lse[i0:i1, None]).exp_(), g_row[i0:i1, None])
+        h.addcmul_(_tiles.floor_(x - row_lse[i0:i1, None], lowest[0]).exp_(), g_row[i0:i1, None])
     if g_col is not None:
-        h.addcmul_((x - col_lse[None, j0:j1]).exp_(), g_col[None, j0:j1])
+        h.addcmul_(_tiles.floor_(x - col_lse[None, j0:j1], lowest[1]).exp_(), g_col[None, j0:j1])

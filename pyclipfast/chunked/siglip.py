@@ -33,6 +33,8 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
     db = torch.zeros(b.shape, **opts) if need_b else None
     need_rows = need_a or need_scale
     any_grad = need_rows or need_b or need_bias
+    # −y·S ≥ −(bound + |b|), for the exp floor (no host sync off the CPU)
+    lowest = -ts.bound - (0.0 if bias_c is None else abs(float(bias_c))) if ts.floors else 0.0
     # One buffer each for the row block's scale·A_rows and its G·B, reused by every row block.
     rows = min(n, _tiles.TILE_ROWS)
     row_buffers = scratch_buffer("rows", (2 if need_rows else 1) * rows * a.shape[1], ts.cd, a.device).view(
@@ -47,6 +49,7 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
             if bias_c is not None:
                 z.add_(bias_c)
             sign = _negate_positives(z, row_ids, col_ids, i0, i1, j0, j1, negative_only)
+            ts.floor_(z, lowest)
             g = torch.sigmoid(z, out=ts.scratch(z)) if any_grad else None  # ∂/∂(−yS) softplus = σ(−yS)
             loss_sum += torch.ops.aten.softplus.out(z, 1, 20, out=z).sum()  # softplus(−yS), in place
             if not any_grad:
