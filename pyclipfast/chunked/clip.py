@@ -31,6 +31,9 @@ from . import _tiles
 from ._tiles import TileScores, add_positive_grad, nonfinite_poison, positive_tile, spans
 
 
+NARROW_SPREAD = 64.0  # the widest score spread of the columns-from-rows forward (far from exp's −87.3)
+
+
 def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                  row_ids: Optional[torch.Tensor], col_ids: Optional[torch.Tensor], bidirectional: bool,
                  dots: bool = False, rule: int = 0, penalty: float = 0.0):
@@ -53,6 +56,11 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
         row_dot = torch.empty(n, **opts)
         col_dot = torch.zeros(m, **opts) if bidirectional else None
     lowest = -2 * ts.bound if ts.floors else 0.0  # S − (a row's or column's max) ≥ −2·bound
+    # Narrow scores (every S_ij − S_kl ≥ −64, e.g. unit features at scale ≤ 32): the columns' sums
+    # come from the rows' exponentials, Σ_i exp(S_ij − M) = Σ_i exp(S_ij − max_i)·exp(max_i − M), one
+    # matrix-vector product instead of a max, a subtraction and an exp over the tile; no term can
+    # underflow. Wider scores take each column's own max (CPU float32 only: the bound is a host sync).
+    narrow = bidirectional and ts.floors and -lowest <= NARROW_SPREAD
     for i0, i1 in spans(n, _tiles.TILE_ROWS):
         a_scaled = ts.scaled(ts.rows(i0, i1))
         run_max = torch.full((i1 - i0,), float("-inf"), **opts)
@@ -76,10 +84,23 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
             e = ts.floor_(torch.sub(s, new_max[:, None], out=ts.scratch(s)), lowest).exp_()
             rescale = (run_max - new_max).exp_()
             run_sum = run_sum.mul_(rescale).add_(e.sum(1))
+            if narrow:
+                shift = new_max.max()  # M ≥ every score of the tile
+                weight = (new_max - shift).exp_()
+                col_part = torch.mv(e.T, weight)
             if dots:
                 run_dot = run_dot.mul_(rescale).add_(e.mul_(s).sum(1))
+                if narrow:
+                    col_dot_part = torch.mv(e.T, weight)  # Σ_i exp(S_ij − M)·S_ij
             run_max = new_max
-            if bidirectional:
+            if narrow:
+                cmax = torch.maximum(col_max[j0:j1], shift)
+                old_scale, new_scale = (col_max[j0:j1] - cmax).exp(), (shift - cmax).exp()
+                col_sum[j0:j1] = col_sum[j0:j1] * old_scale + col_part * new_scale
+                if dots:
+                    col_dot[j0:j1] = col_dot[j0:j1] * old_scale + col_dot_part * new_scale
+                col_max[j0:j1] = cmax
+            elif bidirectional:
                 cmax = torch.maximum(col_max[j0:j1], s.amax(0))
                 rescale = (col_max[j0:j1] - cmax).exp()
                 # with dots S is still needed after the exp: the scratch tile, else S in place
