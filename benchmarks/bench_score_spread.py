@@ -29,9 +29,8 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from .hardware import device_slug, machine_info, versions
+from .hardware import REPO_ROOT, device_slug, machine_info, versions
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REGIMES = {"random": 14.3, "trained": 100.0}
 SIGLIP_BIAS = -10.0
 

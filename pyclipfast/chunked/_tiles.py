@@ -76,6 +76,11 @@ def score_bound(scale: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
     return abs(float(scale)) * norm(a) * norm(b)
 
 
+def lowest_below(bound: float, shift: torch.Tensor) -> float:
+    """A lower bound of x_ij − shift_i when |x_ij| ≤ bound: −bound − max(shift) (0 for no shift)."""
+    return -bound - float(shift.max()) if shift.numel() else 0.0
+
+
 _shared = threading.local()
 
 
@@ -130,12 +135,6 @@ class TileScores:
     @property
     def floors(self) -> bool:
         return floors(self.a, self.cd)
-
-    def floored(self, lowest: float) -> bool:
-        return floored(self.a, self.cd, lowest)
-
-    def floor_(self, x: torch.Tensor, lowest: float) -> torch.Tensor:
-        return floor_(x, lowest)
 
     def rows(self, i0: int, i1: int) -> torch.Tensor:
         return self.a[i0:i1].to(self.cd)

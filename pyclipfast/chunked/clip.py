@@ -81,7 +81,7 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                 if bidirectional:
                     col_pos[j0:j1] += masked.sum(0)
             new_max = torch.maximum(run_max, s.amax(1))
-            e = ts.floor_(torch.sub(s, new_max[:, None], out=ts.scratch(s)), lowest).exp_()
+            e = _tiles.floor_(torch.sub(s, new_max[:, None], out=ts.scratch(s)), lowest).exp_()
             rescale = (run_max - new_max).exp_()
             run_sum = run_sum.mul_(rescale).add_(e.sum(1))
             if narrow:
@@ -105,7 +105,7 @@ def clip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                 rescale = (col_max[j0:j1] - cmax).exp()
                 # with dots S is still needed after the exp: the scratch tile, else S in place
                 e = torch.sub(s, cmax, out=ts.scratch(s)) if dots else s.sub_(cmax)
-                e = ts.floor_(e, lowest).exp_()
+                e = _tiles.floor_(e, lowest).exp_()
                 col_sum[j0:j1] = col_sum[j0:j1] * rescale + e.sum(0)
                 if dots:
                     col_dot[j0:j1] = col_dot[j0:j1] * rescale + e.mul_(s).sum(0)
@@ -145,11 +145,11 @@ def clip_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
         if g_row is None:
             g.zero_()
         else:  # with a shift, g_row·exp(S − lse) = exp(S − (lse − log g_row))
-            ts.floor_(torch.sub(s, row_sub[i0:i1, None], out=g), row_lowest).exp_()
+            _tiles.floor_(torch.sub(s, row_sub[i0:i1, None], out=g), row_lowest).exp_()
             if row_shift is None:
                 g.mul_(g_row[i0:i1, None])
         if g_col is not None:
-            e = ts.floor_(s.sub_(col_sub[j0:j1]), col_lowest).exp_()
+            e = _tiles.floor_(s.sub_(col_sub[j0:j1]), col_lowest).exp_()
             if col_shift is not None:
                 g.add_(e)
             else:
@@ -196,9 +196,7 @@ def _gradient_sweep(ts: TileScores, tile_grad, need_a: bool, need_b: bool, need_
 
 def _lowest(ts: TileScores, shift: Optional[torch.Tensor]) -> float:
     """A lower bound of S_ij − shift over the tiles (only computed where the exp floor applies)."""
-    if shift is None or not ts.floors:
-        return 0.0
-    return -ts.bound - float(shift.max()) if shift.numel() else 0.0
+    return _tiles.lowest_below(ts.bound, shift) if shift is not None and ts.floors else 0.0
 
 
 def _log_weight_shift(lse: Optional[torch.Tensor], weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -238,10 +236,10 @@ def _pair_bound(ts: TileScores, penalty: float) -> float:
     return ts.bound * (1 + abs(penalty) / scale) if scale > 0 else float("inf")
 
 
-def _pair_exp_(ts: TileScores, x: torch.Tensor, excluded: Optional[torch.Tensor], lowest: float) -> torch.Tensor:
+def _pair_exp_(x: torch.Tensor, excluded: Optional[torch.Tensor], lowest: float) -> torch.Tensor:
     """exp(x) in place for x = L − shift; an excluded pair's stays exactly 0 when x is floored."""
-    ts.floor_(x, lowest).exp_()
-    if excluded is not None and ts.floored(lowest):
+    _tiles.floor_(x, lowest).exp_()
+    if excluded is not None and _tiles.floored(x, x.dtype, lowest):
         x.masked_fill_(excluded, 0.0)
     return x
 
@@ -266,7 +264,7 @@ def _pair_rule_forward(a, b, scale, row_ids, col_ids, rule: int, penalty: float)
                                            penalty)
             new_max = torch.maximum(run_max, logit.amax(1))
             shift = _finite_shift(new_max)
-            e = _pair_exp_(ts, logit.sub_(shift[:, None]), excluded, lowest)
+            e = _pair_exp_(logit.sub_(shift[:, None]), excluded, lowest)
             run_sum = run_sum * (run_max - shift).exp() + e.sum(1)
             run_max = new_max
         row_lse[i0:i1] = run_sum.log() + run_max
@@ -280,10 +278,10 @@ def _pair_rule_backward(a, b, scale, row_ids, col_ids, row_lse, g_row, need_a: b
     ts = TileScores(a, b, scale)
     shift = _finite_shift(row_lse.to(ts.cd))
     weight = g_row.to(ts.cd)
-    lowest = -_pair_bound(ts, penalty) - float(shift.max()) if ts.floors and shift.numel() else 0.0
+    lowest = _tiles.lowest_below(_pair_bound(ts, penalty), shift) if ts.floors else 0.0
 
     def tile_grad(a_rows, a_scaled, b_cols, i0, i1, j0, j1):
         logit, excluded = _pair_logits(ts, a_rows, b_cols, row_ids, col_ids, i0, i1, j0, j1, rule, penalty)
-        return _pair_exp_(ts, logit.sub_(shift[i0:i1, None]), excluded, lowest).mul_(weight[i0:i1, None])
+        return _pair_exp_(logit.sub_(shift[i0:i1, None]), excluded, lowest).mul_(weight[i0:i1, None])
 
     return _gradient_sweep(ts, tile_grad, need_a, need_b, need_scale)

@@ -78,8 +78,7 @@ class _Tiles:
         bound = self.bound(name)
         if lse is None:
             return -2 * bound
-        finite = lse[torch.isfinite(lse)]
-        return -bound - float(finite.max()) if finite.numel() else 0.0
+        return _tiles.lowest_below(bound, lse[torch.isfinite(lse)])
 
     def rows(self, i0: int, i1: int):
         """(A rows, s·A rows, t·Tᵃ rows or None)."""

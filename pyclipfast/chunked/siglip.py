@@ -49,7 +49,7 @@ def siglip_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: 
             if bias_c is not None:
                 z.add_(bias_c)
             sign = _negate_positives(z, row_ids, col_ids, i0, i1, j0, j1, negative_only)
-            ts.floor_(z, lowest)
+            _tiles.floor_(z, lowest)
             g = torch.sigmoid(z, out=ts.scratch(z)) if any_grad else None  # ∂/∂(−yS) softplus = σ(−yS)
             loss_sum += torch.ops.aten.softplus.out(z, 1, 20, out=z).sum()  # softplus(−yS), in place
             if not any_grad:
